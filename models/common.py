@@ -1,0 +1,167 @@
+"""Building blocks shared by every model in the project.
+
+Class and attribute names follow YOLOv5 (`Conv.conv`, `Conv.bn`, `C3.cv1`, ...) because official
+checkpoints are pickles of these very objects and their state-dict keys are derived from these names.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+
+
+def autopad(k: int | tuple, p: int | tuple | None = None, d: int = 1) -> int | list:
+    """'Same' padding for an odd kernel at stride 1 (and the YOLOv5 convention for even kernels)."""
+    if d > 1:
+        k = d * (k - 1) + 1 if isinstance(k, int) else [d * (x - 1) + 1 for x in k]
+    if p is None:
+        p = k // 2 if isinstance(k, int) else [x // 2 for x in k]
+    return p
+
+
+class Conv(nn.Module):
+    """Conv2d -> BatchNorm2d -> SiLU. After `fuse()` the BN is folded into the conv (forward_fuse)."""
+
+    default_act = nn.SiLU()
+
+    def __init__(self, c1: int, c2: int, k=1, s=1, p=None, g=1, d=1, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, p, d), groups=g, dilation=d, bias=False)
+        self.bn = nn.BatchNorm2d(c2)
+        if act is True:
+            self.act = nn.SiLU()
+        elif isinstance(act, nn.Module):
+            self.act = act
+        else:
+            self.act = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    def forward_fuse(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+class DWConv(Conv):
+    """Depth-wise convolution: groups = gcd(c1, c2)."""
+
+    def __init__(self, c1: int, c2: int, k=1, s=1, d=1, act=True):
+        super().__init__(c1, c2, k, s, g=math.gcd(c1, c2), d=d, act=act)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 expand, optional residual when the channel counts allow it."""
+
+    def __init__(self, c1: int, c2: int, shortcut=True, g=1, e=0.5):
+        super().__init__()
+        c_ = int(c2 * e)
+        self.cv1 = Conv(c1, c_, 1, 1)
+        self.cv2 = Conv(c_, c2, 3, 1, g=g)
+        self.add = shortcut and c1 == c2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class C3(nn.Module):
+    """CSP bottleneck with three convolutions: two 1x1 branches, n bottlenecks on one, 1x1 merge."""
+
+    def __init__(self, c1: int, c2: int, n=1, shortcut=True, g=1, e=0.5):
+        super().__init__()
+        c_ = int(c2 * e)
+        self.cv1 = Conv(c1, c_, 1, 1)
+        self.cv2 = Conv(c1, c_, 1, 1)
+        self.cv3 = Conv(2 * c_, c2, 1)
+        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, g, e=1.0) for _ in range(n)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
+
+
+class SPP(nn.Module):
+    """Spatial pyramid pooling with parallel max-pools of several sizes."""
+
+    def __init__(self, c1: int, c2: int, k=(5, 9, 13)):
+        super().__init__()
+        c_ = c1 // 2
+        self.cv1 = Conv(c1, c_, 1, 1)
+        self.cv2 = Conv(c_ * (len(k) + 1), c2, 1, 1)
+        self.m = nn.ModuleList(nn.MaxPool2d(kernel_size=x, stride=1, padding=x // 2) for x in k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cv1(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.cv2(torch.cat([x] + [m(x) for m in self.m], 1))
+
+
+class SPPF(nn.Module):
+    """SPP-Fast: one max-pool applied three times in series equals SPP(5, 9, 13), cheaper."""
+
+    def __init__(self, c1: int, c2: int, k=5):
+        super().__init__()
+        c_ = c1 // 2
+        self.cv1 = Conv(c1, c_, 1, 1)
+        self.cv2 = Conv(c_ * 4, c2, 1, 1)
+        self.m = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.cv1(x)
+        y1 = self.m(x)
+        y2 = self.m(y1)
+        return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
+
+
+def check_even_hw(x: torch.Tensor, what: str) -> None:
+    """SPD needs even spatial sizes; cropping silently would drop a row/column of pixels."""
+    h, w = x.shape[-2:]
+    if not torch.jit.is_tracing() and (int(h) % 2 or int(w) % 2):
+        raise ValueError(
+            f"{what} needs even height and width, got {int(h)}x{int(w)}: "
+            "use an input size that is a multiple of the model stride"
+        )
+
+
+def space_to_depth_slices(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 4C, H/2, W/2) in the SPD-Conv authors' channel order.
+
+    Channel block k holds the phase (row, col) = (0,0), (1,0), (0,1), (1,1) for k = 0..3.
+    """
+    check_even_hw(x, "space_to_depth")
+    return torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
+
+
+class Focus(nn.Module):
+    """Space-to-depth of the input image followed by a Conv: the SPD-Conv stem."""
+
+    def __init__(self, c1: int, c2: int, k=1, s=1, p=None, g=1, act=True):
+        super().__init__()
+        self.conv = Conv(c1 * 4, c2, k, s, p, g, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(space_to_depth_slices(x))
+
+
+class space_to_depth(nn.Module):  # noqa: N801 - name fixed by the SPD-Conv configs and checkpoints
+    """The SPD layer: every 2x2 block of pixels becomes 4 channels; no information is dropped."""
+
+    def __init__(self, dimension: int = 1):
+        super().__init__()
+        self.d = dimension
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return space_to_depth_slices(x)
+
+
+class Concat(nn.Module):
+    """Concatenate a list of tensors along a dimension (channels by default)."""
+
+    def __init__(self, dimension: int = 1):
+        super().__init__()
+        self.d = dimension
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(x, self.d)
