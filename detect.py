@@ -113,9 +113,6 @@ def run(
     save_img = not nosave
     webcam = is_stream(source)
 
-    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
-    (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
-
     device = select_device(device)
     data_dict = None
     if data:
@@ -138,6 +135,8 @@ def run(
     else:
         dataset = LoadImages(source, img_size=imgsz, stride=stride, auto=auto, vid_stride=vid_stride)
     model.warmup(imgsz=(1, 3, *imgsz))
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # made only once inputs are known good
+    (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
 
     seen, dt = 0, [0.0, 0.0, 0.0]
     results = []

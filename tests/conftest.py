@@ -1,0 +1,30 @@
+"""Shared fixtures: paths to the read-only ../shared data, skipping cleanly where it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_path(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared fixture {p} not present")
+    return p
+
+
+@pytest.fixture(scope="session")
+def yolov5n_weights() -> Path:
+    return shared_path("weights", "yolov5n.pt")
+
+
+@pytest.fixture(scope="session")
+def images_dir() -> Path:
+    return shared_path("images")
