@@ -90,7 +90,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path} is neither a YOLOv5 checkpoint nor one of this project's")
     names = getattr(model, "names", None) or [str(i) for i in range(model.yaml["nc"])]
     return {"cfg": dict(model.yaml), "names": _names_dict(names), "stride": [float(s) for s in model.stride],
-            "state_dict": {k: v.float() for k, v in model.state_dict().items()}, "ckpt": ckpt, "official": True}
+            "state_dict": {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}, "ckpt": ckpt, "official": True}
 
 
 def resolve_weights(weights: str | Path) -> Path:
