@@ -6,7 +6,6 @@ YOLOv5), `train`/`val`/`test` (a folder, a .txt list of images, or a list of eit
 """
 from __future__ import annotations
 
-import logging
 import shutil
 import subprocess
 import urllib.error
@@ -17,8 +16,6 @@ from typing import Any, Iterable
 import yaml
 
 from utils.errors import UserError
-
-LOGGER = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]  # the project root: holds models/, utils/, data/
 DATA_DIR = ROOT / "data"
@@ -151,12 +148,12 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
             raise UserError(f"{source}: dataset not found, missing {', '.join(val_missing)} (and no 'download' step)")
         if not autodownload:
             raise UserError(f"{source}: dataset not found, missing {', '.join(val_missing)} (automatic download is off)")
-        LOGGER.info(f"Dataset not found, missing {', '.join(val_missing)}; running its download step...")
+        print(f"Dataset not found, missing {', '.join(val_missing)}; running its download step...")
         run_download_step(step, data, source)
         still = [p for p in _as_list(data["val"]) if not Path(p).exists()]
         if still:
             raise UserError(f"{source}: download step finished but {', '.join(still)} is still missing")
-        LOGGER.info(f"Dataset ready in {path}")
+        print(f"Dataset ready in {path}")
     return data
 
 
