@@ -406,3 +406,13 @@ def test_smallobjects_yaml_download_step_generates(tmp_path):
     d["download"] = d["download"].replace("n_train=256, n_val=64", "n_train=2, n_val=2")
     out = check_dataset(d)
     assert len(list(Path(out["val"]).glob("*.jpg"))) == 2 and out["names"][3] == "cross"
+
+
+def test_hyp_yamls_hold_yolov5_values():
+    hyps = {n: yaml.safe_load(open(ROOT / "data" / "hyps" / f"hyp.{n}.yaml")) for n in ("scratch-low", "scratch-med", "scratch-high", "no-augmentation")}
+    assert all(set(h) == set(HYP_LOW) and len(h) == 28 for h in hyps.values())
+    low, med, high, none = (hyps[n] for n in ("scratch-low", "scratch-med", "scratch-high", "no-augmentation"))
+    assert (low["lr0"], low["lrf"], low["momentum"], low["obj"], low["scale"], low["mosaic"]) == (0.01, 0.01, 0.937, 1.0, 0.5, 1.0)
+    assert (med["lrf"], med["cls"], med["obj"], med["scale"], med["mixup"], med["copy_paste"]) == (0.1, 0.3, 0.7, 0.9, 0.1, 0.0)
+    assert high == dict(med, copy_paste=0.1)
+    assert none["mosaic"] == none["fliplr"] == none["hsv_s"] == none["scale"] == 0

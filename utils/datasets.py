@@ -91,7 +91,7 @@ def _jpeg_is_truncated(path: str) -> bool:
 
 
 def _read_label_rows(lb_file: str) -> list[list[str]]:
-    with open(lb_file, encoding="utf-8") as f:
+    with open(lb_file, encoding="utf-8-sig") as f:  # tolerate a byte-order mark from Windows editors
         return [line.split() for line in f.read().strip().splitlines() if line.strip()]
 
 
