@@ -1,0 +1,72 @@
+"""Training logs: results.csv (one row per epoch, safe across resumes) and TensorBoard scalars."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+RESULT_KEYS = (
+    "train/box_loss", "train/obj_loss", "train/cls_loss",
+    "metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95",
+    "metrics/APs", "metrics/APm", "metrics/APl",
+    "val/box_loss", "val/obj_loss", "val/cls_loss",
+    "x/lr0", "x/lr1", "x/lr2",
+)
+
+
+def colorstr(*args: str) -> str:
+    """Wrap the last argument in ANSI colour codes (first arguments name them), YOLOv5-style prefixes."""
+    *styles, text = args if len(args) > 1 else ("blue", "bold", args[0])
+    codes = {"black": "30", "red": "31", "green": "32", "yellow": "33", "blue": "34", "magenta": "35", "cyan": "36",
+             "white": "37", "bold": "1", "underline": "4"}
+    if os.getenv("NO_COLOR") or os.getenv("CI"):
+        return text
+    return "".join(f"\033[{codes[s]}m" for s in styles) + text + "\033[0m"
+
+
+class ResultsLogger:
+    """Appends one row per epoch to results.csv and to TensorBoard; `start_epoch` drops rows a resume redoes."""
+
+    def __init__(self, save_dir: Path, start_epoch: int = 0, tensorboard: bool = True):
+        self.csv = Path(save_dir) / "results.csv"
+        self._truncate(start_epoch)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(save_dir))
+            except Exception as e:  # logging must never stop a training run
+                print(f"WARNING: TensorBoard logging disabled ({e})")
+
+    def _truncate(self, start_epoch: int) -> None:
+        """Keep only rows of epochs before start_epoch, so a resumed run has no duplicated epochs."""
+        if not self.csv.exists():
+            return
+        with open(self.csv, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            return
+        kept = [rows[0]] + [r for r in rows[1:] if r and r[0].strip().isdigit() and int(r[0]) < start_epoch]
+        if len(kept) != len(rows):
+            tmp = self.csv.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
+            os.replace(tmp, self.csv)
+
+    def log(self, epoch: int, values: dict[str, float]) -> None:
+        new = not self.csv.exists()
+        with open(self.csv, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["epoch", *values.keys()])
+            w.writerow([epoch, *(f"{float(v):.5g}" for v in values.values())])
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(k, float(v), epoch)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
