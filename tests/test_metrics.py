@@ -179,6 +179,8 @@ def test_coco_style_evaluator_hand_cases():
     ev.update(2, np.zeros((0, 4)), [], [], large, [1])
     s = ev.summarize()
     assert s["AP"] == 0 and s["AR100"] == 0
+    assert len(ev) == 2
+    ev.update(3, None, None, None, small, [0])  # no predictions given as None
     with pytest.raises(ValueError, match="twice"):
         ev.update(1, small, [0.9], [0], small, [0])
 
