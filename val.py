@@ -197,7 +197,7 @@ def run(
                     stats.append((correct, *torch.zeros((2, 0), device=device), labels[:, 0]))
                     if plots:
                         confusion_matrix.process_batch(None, labels[:, 0])
-                coco_eval.update(len(coco_eval._images), None, None, None, labelsn[:, 1:], labelsn[:, 0])
+                coco_eval.update(len(coco_eval), None, None, None, labelsn[:, 1:], labelsn[:, 0])
                 continue
 
             if single_cls:
@@ -209,7 +209,7 @@ def run(
                 if plots:
                     confusion_matrix.process_batch(predn, labelsn)
             stats.append((correct, pred[:, 4], pred[:, 5], labels[:, 0]))
-            coco_eval.update(len(coco_eval._images), predn[:, :4], predn[:, 4], predn[:, 5], labelsn[:, 1:], labelsn[:, 0])
+            coco_eval.update(len(coco_eval), predn[:, :4], predn[:, 4], predn[:, 5], labelsn[:, 1:], labelsn[:, 0])
 
             if save_txt:
                 save_one_txt(predn, save_conf, shape, file=save_dir / "labels" / f"{path.stem}.txt")
