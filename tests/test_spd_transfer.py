@@ -53,12 +53,17 @@ def test_phase_order_matches_space_to_depth():
 
 def test_stem_rearrangement_single_conv():
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 64, 48)
-    w = torch.randn(16, 3, 6, 6)
+    x = torch.rand(2, 3, 64, 48)  # image-like input and a kernel at its usual init scale
+    w = torch.randn(16, 3, 6, 6) / 108**0.5
     plain = F.conv2d(x, w, stride=2, padding=2)
     spd = F.conv2d(space_to_depth_slices(x), rearrange_stem_weight(w), stride=1, padding=1)
     assert spd.shape == plain.shape == (2, 16, 32, 24)
     assert (plain - spd).abs().max() < 1e-5
+    # in float64 the two agree to rounding: the identity is exact, not approximate
+    x64, w64 = x.double(), w.double()
+    d64 = F.conv2d(x64, w64, stride=2, padding=2)
+    d64 -= F.conv2d(space_to_depth_slices(x64), rearrange_stem_weight(w64), padding=1)
+    assert d64.abs().max() < 1e-12
     # the tap formula itself: W'[o, k*C + i, u, v] = W[o, i, 2u + dr_k, 2v + dc_k]
     w2 = rearrange_stem_weight(w)
     o, i, u, v = 5, 2, 1, 2
@@ -151,15 +156,15 @@ def official_pair(yolov5n_weights):
 
 
 @torch.no_grad()
-def test_official_yolov5n_equivalence(official_pair, images_dir, capsys):
+def test_official_yolov5n_equivalence(official_pair, images_dir):
     plain, spd = official_pair
-    for name in ("bus.jpg", "zidane.jpg"):
+    for name in ("bus.jpg", "zidane.jpg", "small-vehicles1.jpeg"):
         x = _letterboxed(images_dir / name)
         (ya, ra), (yb, rb) = plain(x), spd(x)
         assert max((a - b).abs().max() for a, b in zip(ra, rb)) < 1e-3  # raw logits
         assert (ya[..., 4:] - yb[..., 4:]).abs().max() < 1e-4  # scores
         da, db = non_max_suppression(ya)[0], non_max_suppression(yb)[0]
-        assert len(da) >= 4 and len(da) == len(db)
+        assert len(da) >= 2 and len(da) == len(db)
         assert (da[:, :4] - db[:, :4]).abs().max() < 0.5
         assert (da[:, 4] - db[:, 4]).abs().max() < 1e-3
         assert torch.equal(da[:, 5], db[:, 5])
