@@ -39,8 +39,6 @@ def non_max_suppression(
     bs = prediction.shape[0]
     nc = prediction.shape[2] - 5
     multi_label &= nc > 1
-    if time_limit is None:
-        time_limit = 0.5 + 0.05 * bs
     candidates = prediction[..., 4] > conf_thres
     output = [torch.zeros((0, 6), device=prediction.device)] * bs
     start = time.time()
@@ -72,7 +70,7 @@ def non_max_suppression(
         offsets = x[:, 5:6] * (0 if agnostic else MAX_WH)
         keep = torchvision.ops.nms(x[:, :4] + offsets, x[:, 4], iou_thres)[:max_det]
         output[xi] = x[keep]
-        if time.time() - start > time_limit:
+        if time_limit is not None and time.time() - start > time_limit:
             print(f"WARNING: NMS time limit {time_limit:.3f}s exceeded")
             break
     return output
