@@ -2,48 +2,228 @@
 
 detect.py and val.py call `DetectMultiBackend(weights)(images)` and get the decoded (B, N, 5 + nc)
 predictions whatever the format; names, stride and a fixed input size (for fixed-shape exports)
-travel with the weights.
+travel inside the exported file:
+
+    .pt                      PyTorch checkpoint (official YOLOv5 or this project's)
+    .torchscript             TorchScript (metadata in the archive's extra file config.txt)
+    .onnx                    ONNX Runtime (metadata in the model's metadata_props)
+    *_openvino_model/, .xml  OpenVINO IR (metadata.yaml beside the .xml)
 """
 from __future__ import annotations
 
+import ast
+import json
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
+import yaml
 
 from utils.checkpoints import load_model, resolve_weights
 from utils.errors import UserError
 
+SUFFIXES = (".pt", ".torchscript", ".onnx", "_openvino_model/ or .xml")
+
+
+def parse_names(names) -> dict[int, str] | None:
+    """Class names from metadata: a dict (JSON or Python literal, keys as str or int) or a list."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        try:
+            names = json.loads(names)
+        except json.JSONDecodeError:
+            try:  # YOLOv5's own exports write str(dict)
+                names = ast.literal_eval(names)
+            except (ValueError, SyntaxError):
+                return None
+    if isinstance(names, dict):
+        return {int(k): str(v) for k, v in names.items()}
+    if isinstance(names, (list, tuple)):
+        return {i: str(v) for i, v in enumerate(names)}
+    return None
+
+
+def _as_bool(v) -> bool:
+    return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes")
+
+
+def _static_hw(shape) -> tuple[int, int] | None:
+    """(h, w) when the last two input dims are fixed numbers, else None."""
+    h, w = shape[-2], shape[-1]
+    return (int(h), int(w)) if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 else None
+
+
+def weights_format(w: Path) -> str:
+    """'pt', 'jit', 'onnx' or 'openvino' from the path's suffix (folders: OpenVINO IR)."""
+    s = str(w).rstrip("/\\")
+    if s.endswith(".pt"):
+        return "pt"
+    if s.endswith(".torchscript"):
+        return "jit"
+    if s.endswith(".onnx"):
+        return "onnx"
+    if s.endswith(".xml") or s.endswith("_openvino_model") or w.is_dir():
+        return "openvino"
+    raise UserError(f"unsupported weights format '{w.suffix or w.name}' for {w} (supported: {', '.join(SUFFIXES)})")
+
 
 class DetectMultiBackend(nn.Module):
-    """PyTorch `.pt` checkpoints (official YOLOv5 or this project's)."""
+    """Decoded detections from .pt, TorchScript, ONNX Runtime or OpenVINO weights."""
 
     def __init__(self, weights: str | Path = "yolov5s.pt", device: torch.device = torch.device("cpu"),
                  fp16: bool = False, fuse: bool = True, data: dict | None = None):
         super().__init__()
         w = Path(str(weights[0] if isinstance(weights, (list, tuple)) else weights))
-        self.device = device
-        self.fp16 = fp16 and device.type != "cpu"
-        self.fixed_imgsz = None  # (h, w) for exports traced at one shape; None when any shape works
-        self.pt = w.suffix == ".pt"
-        if not self.pt:
-            raise UserError(f"unsupported weights format '{w.suffix}' for {w} (supported: .pt)")
-        self.model = load_model(resolve_weights(w), device=device, fuse=fuse)
-        if self.fp16:
-            self.model.half()
-        self.stride = int(self.model.stride.max())
-        self.names = dict(self.model.names)
+        self.format = weights_format(w)
+        self.pt, self.jit, self.onnx, self.openvino = (self.format == f for f in ("pt", "jit", "onnx", "openvino"))
+        self.device = torch.device(device) if not isinstance(device, torch.device) else device
+        self.fp16 = fp16 and self.device.type != "cpu"
+        self.fixed_imgsz: tuple[int, int] | None = None  # (h, w) for exports traced at one shape
+        self.batch: int | None = None  # a fixed batch size of the export, None when any batch works
+        self.metadata: dict = {}
+        self._warned_augment = False
+        if self.format != "openvino" or not w.exists():
+            w = resolve_weights(w)
+        self.weights = w
+
+        names: dict | None = None
+        stride = 32
+        if self.pt:
+            self.model = load_model(w, device=self.device, fuse=fuse)
+            if fuse:  # fused for inference: use the exact, faster export form of every SPD layer
+                from models.spd_export import to_export_form
+
+                to_export_form(self.model)
+            if self.fp16:
+                self.model.half()
+            stride, names = int(self.model.stride.max()), dict(self.model.names)
+        elif self.jit:
+            names, stride = self._load_torchscript(w)
+        elif self.onnx:
+            names, stride = self._load_onnx(w)
+        else:
+            names, stride = self._load_openvino(w)
+        self.stride = int(stride)
+        self.names = names or {i: str(i) for i in range(int(self.metadata.get("nc", 80)))}
         if data and data.get("names") and self.names == {i: str(i) for i in range(len(self.names))}:
             self.names = {int(k): v for k, v in data["names"].items()}
 
+    # --- loaders -------------------------------------------------------------------------------
+    def _apply_metadata(self, meta: dict, input_shape=None) -> tuple[dict | None, int]:
+        """Common handling of export metadata; the input's static shape, when known, wins over it."""
+        self.metadata = meta
+        imgsz = meta.get("imgsz") or (list(meta["shape"][-2:]) if meta.get("shape") else None)
+        dynamic = _as_bool(meta.get("dynamic", False))
+        if input_shape is not None:
+            self.fixed_imgsz = _static_hw(input_shape)
+            self.batch = input_shape[0] if isinstance(input_shape[0], int) and input_shape[0] > 0 else None
+        elif imgsz and not dynamic:  # TorchScript: no shape in the graph, trust what was exported
+            self.fixed_imgsz = (int(imgsz[0]), int(imgsz[-1]))
+            b = meta.get("batch") or (meta["shape"][0] if meta.get("shape") else None)
+            self.batch = int(b) if b else None
+        return parse_names(meta.get("names")), int(float(meta.get("stride", 32)))
+
+    def _load_torchscript(self, w: Path):
+        extra = {"config.txt": ""}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice, on every load
+                self.model = torch.jit.load(str(w), _extra_files=extra, map_location=self.device).eval()
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"{w} is not a readable TorchScript file ({str(e).splitlines()[0]})") from None
+        meta = json.loads(extra["config.txt"]) if extra["config.txt"] else {}
+        if _as_bool(meta.get("half", False)):
+            if self.device.type == "cpu":
+                raise UserError(f"{w} is a half-precision (FP16) TorchScript export and needs a CUDA device")
+            self.fp16 = True
+        return self._apply_metadata(meta)
+
+    def _load_onnx(self, w: Path):
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if self.device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = torch.get_num_threads()  # follow torch.set_num_threads, like the .pt path
+        try:
+            self.session = ort.InferenceSession(str(w), sess_options=so, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise UserError(f"{w} is not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        inp = self.session.get_inputs()[0]
+        self._in_name, self._out_names = inp.name, [o.name for o in self.session.get_outputs()]
+        self._in_dtype = np.float16 if "float16" in inp.type else np.float32
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        out_shape = self.session.get_outputs()[0].shape
+        if "nc" not in meta and isinstance(out_shape[-1], int):
+            meta["nc"] = out_shape[-1] - 5
+        return self._apply_metadata(meta, input_shape=inp.shape)
+
+    def _load_openvino(self, w: Path):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise UserError("OpenVINO weights need the openvino package: pip install openvino") from None
+        xml = w if w.suffix == ".xml" else next(iter(sorted(w.glob("*.xml"))), None)
+        if xml is None or not xml.is_file():
+            raise UserError(f"no OpenVINO model (.xml) found in {w}")
+        core = ov.Core()
+        model = core.read_model(str(xml))
+        # f32 inference: the CPU plugin would otherwise pick bf16 on CPUs that have it, changing results
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        self.session = core.compile_model(model, "CPU", config)
+        meta_file = xml.parent / "metadata.yaml"
+        meta = yaml.safe_load(meta_file.read_text()) if meta_file.is_file() else {}
+        ps = model.inputs[0].get_partial_shape()
+        shape = [d.get_length() if d.is_static else "?" for d in ps]
+        if "nc" not in meta and model.outputs[0].get_partial_shape()[-1].is_static:
+            meta["nc"] = model.outputs[0].get_partial_shape()[-1].get_length() - 5
+        return self._apply_metadata(meta or {}, input_shape=shape)
+
+    # --- inference ---------------------------------------------------------------------------
     def forward(self, im: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        if self.fp16 and im.dtype != torch.float16:
-            im = im.half()
-        y = self.model(im, augment=augment)
+        if augment and not self.pt and not self._warned_augment:
+            print(f"WARNING: augmented inference needs .pt weights; ignored for {self.weights.name}")
+            self._warned_augment = True
+        if self.fixed_imgsz is not None and tuple(im.shape[-2:]) != tuple(self.fixed_imgsz):
+            h, w = self.fixed_imgsz
+            raise UserError(f"{self.weights.name} is a fixed-shape export for {h}x{w} images, got "
+                            f"{im.shape[-2]}x{im.shape[-1]}: run at --imgsz {h} {w} or re-export with --dynamic")
+        if self.batch is not None and im.shape[0] != self.batch:
+            return self._forward_fixed_batch(im)
+        if self.pt:
+            if self.fp16 and im.dtype != torch.float16:
+                im = im.half()
+            y = self.model(im, augment=augment)
+        elif self.jit:
+            y = self.model(im.half() if self.fp16 else im.float())
+        else:
+            x = im.detach().cpu().numpy().astype(self._in_dtype if self.onnx else np.float32, copy=False)
+            if self.onnx:
+                y = self.session.run(self._out_names[:1], {self._in_name: x})[0]
+            else:
+                y = self.session(x)[0]
+            y = torch.from_numpy(np.asarray(y)).to(self.device)
         return y[0] if isinstance(y, (list, tuple)) else y
+
+    def _forward_fixed_batch(self, im: torch.Tensor) -> torch.Tensor:
+        """An export with a fixed batch b: run the images b at a time, padding the last chunk."""
+        b, out = self.batch, []
+        for chunk in im.split(b):
+            n = chunk.shape[0]
+            if n < b:
+                chunk = torch.cat((chunk, chunk.new_zeros((b - n, *chunk.shape[1:]))))
+            out.append(self.forward(chunk)[:n])
+        return torch.cat(out)
 
     def warmup(self, imgsz: tuple = (1, 3, 640, 640)) -> None:
         """One throw-away pass so the first timed image does not pay for lazy initialisation."""
-        if self.device.type != "cpu":
-            im = torch.zeros(*imgsz, dtype=torch.half if self.fp16 else torch.float, device=self.device)
+        if self.device.type != "cpu" or not self.pt:
+            shape = list(imgsz)
+            if self.fixed_imgsz is not None:
+                shape[-2:] = self.fixed_imgsz
+            im = torch.zeros(*shape, dtype=torch.half if self.fp16 else torch.float, device=self.device)
             self.forward(im)

@@ -1,0 +1,166 @@
+"""CPU latency of plain and SPD models in every deployment runtime, SPD in slice form vs export form.
+
+    python benchmarks/export_latency.py                      # the four models, 640x640, 2 threads
+    python benchmarks/export_latency.py --models yolov5n-spd --runs 50 --csv runs/bench.csv
+
+Every row is measured in one process, side by side: random weights, BatchNorm fused, batch 1,
+`--threads` threads for every runtime. Rounds are interleaved (each engine runs once per round) so
+that a busy neighbour slows every row alike; the median per engine is reported in milliseconds.
+Prints a table and writes it as CSV (default runs/benchmarks/export_latency.csv).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from copy import deepcopy
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from models.spd_export import to_export_form  # noqa: E402
+from models.yolo import DetectionModel  # noqa: E402
+from utils.torch_utils import count_flops  # noqa: E402
+
+RUNTIMES = ("pytorch", "torchscript", "onnxruntime", "openvino")
+MODELS = ("yolov5n", "yolov5n-spd", "yolov5s", "yolov5s-spd")
+
+
+def build(cfg: str, form: str) -> DetectionModel:
+    """A fused random-weight model in the given SPD form, returning only the decoded tensor."""
+    torch.manual_seed(0)
+    m = DetectionModel(f"{cfg}.yaml", verbose=False).eval().fuse()
+    if form == "export":
+        to_export_form(m)
+    m.model[-1].export = True
+    return m.requires_grad_(False)
+
+
+def engines(model: DetectionModel, x: torch.Tensor, runtimes: list[str], tmp: Path, threads: int,
+            tag: str) -> dict[str, Callable[[], object]]:
+    """One zero-argument callable per runtime that runs the model once on x."""
+    out: dict[str, Callable[[], object]] = {}
+    if "pytorch" in runtimes:
+        out["pytorch"] = lambda: model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer / legacy exporter deprecation chatter
+        if "torchscript" in runtimes:
+            ts = torch.jit.trace(model, x, strict=False)
+            out["torchscript"] = lambda: ts(x)
+        onnx_file = tmp / f"{tag}.onnx"
+        if "onnxruntime" in runtimes or "openvino" in runtimes:
+            torch.onnx.export(model, x, str(onnx_file), opset_version=17, input_names=["images"],
+                              output_names=["output0"], dynamo=False)
+    xn = x.numpy()
+    if "onnxruntime" in runtimes:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        sess = ort.InferenceSession(str(onnx_file), so, providers=["CPUExecutionProvider"])
+        out["onnxruntime"] = lambda: sess.run(None, {"images": xn})
+    if "openvino" in runtimes:
+        try:
+            import openvino as ov
+        except ImportError:
+            print("OpenVINO not installed (pip install openvino): its column stays empty")
+        else:
+            core = ov.Core()
+            cm = core.compile_model(core.read_model(str(onnx_file)), "CPU", {
+                "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
+            req = cm.create_infer_request()
+            out["openvino"] = lambda: req.infer({0: xn})
+    return out
+
+
+def run(models: list[str] = list(MODELS), runtimes: list[str] = list(RUNTIMES), imgsz: int = 640, threads: int = 2,
+        runs: int = 30, warmup: int = 3, csv_path: str | Path = ROOT / "runs/benchmarks/export_latency.csv") -> list[dict]:
+    torch.set_num_threads(threads)
+    x = torch.rand(1, 3, imgsz, imgsz)
+    rows, calls = [], {}
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        for cfg in models:
+            for form in (("slice", "export") if "spd" in cfg else ("-",)):
+                m = build(cfg, form)
+                key = (cfg, form)
+                print(f"preparing {cfg} ({form})...", flush=True)
+                calls[key] = engines(m, x, runtimes, Path(tmp), threads, f"{cfg}-{form}")
+                params = sum(p.numel() for p in m.parameters())
+                rows.append({"model": cfg, "spd_form": form, "params_M": round(params / 1e6, 2),
+                             "GFLOPs": round(count_flops(deepcopy(m), imgsz), 1)})
+        for fns in calls.values():
+            for f in fns.values():
+                for _ in range(warmup):
+                    f()
+        times: dict[tuple, list[float]] = {(k, r): [] for k, fns in calls.items() for r in fns}
+        for _ in range(runs):  # interleaved rounds: load changes hit every engine alike
+            for k, fns in calls.items():
+                for r, f in fns.items():
+                    t = time.perf_counter()
+                    f()
+                    times[(k, r)].append((time.perf_counter() - t) * 1e3)
+    for row in rows:
+        for r in runtimes:
+            t = times.get(((row["model"], row["spd_form"]), r))
+            row[f"{r}_ms"] = round(statistics.median(t), 1) if t else None
+    print_table(rows, runtimes, imgsz, threads, runs)
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"\nSaved {csv_path}")
+    return rows
+
+
+def print_table(rows: list[dict], runtimes: list[str], imgsz: int, threads: int, runs: int) -> None:
+    print(f"\nMedian latency (ms) per {imgsz}x{imgsz} image, batch 1, {threads} threads, {runs} runs, "
+          f"{torch.__version__}, fused random weights")
+    head = f"{'model':<14}{'SPD form':<10}{'params M':>9}{'GFLOPs':>8}" + "".join(f"{r:>13}" for r in runtimes)
+    print(head + "\n" + "-" * len(head))
+    for row in rows:
+        vals = "".join(f"{row[f'{r}_ms']:>13.1f}" if row[f"{r}_ms"] is not None else f"{'-':>13}" for r in runtimes)
+        print(f"{row['model']:<14}{row['spd_form']:<10}{row['params_M']:>9}{row['GFLOPs']:>8}{vals}")
+    # how much of each SPD model's extra cost over its plain twin the export form removes
+    by = {(r["model"], r["spd_form"]): r for r in rows}
+    for cfg in sorted({r["model"] for r in rows if "spd" in r["model"]}):
+        plain = by.get((cfg.replace("-spd", ""), "-"))
+        s, e = by.get((cfg, "slice")), by.get((cfg, "export"))
+        if not (plain and s and e):
+            continue
+        parts = []
+        for r in runtimes:
+            k = f"{r}_ms"
+            if None in (plain[k], s[k], e[k]) or s[k] <= plain[k]:
+                continue
+            parts.append(f"{r} {100 * (s[k] - e[k]) / (s[k] - plain[k]):.0f}%")
+        if parts:
+            print(f"{cfg}: export form removes this share of the SPD overhead (slice - plain): " + ", ".join(parts))
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), help="model configs (bare names in models/)")
+    p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=30, help="timed runs per engine")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--csv", dest="csv_path", default=str(ROOT / "runs/benchmarks/export_latency.csv"))
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    from utils.errors import report_user_errors
+
+    report_user_errors(lambda: run(**vars(parse_opt())))()
