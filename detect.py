@@ -54,7 +54,7 @@ def yolo_label_lines(det: torch.Tensor, shape: tuple, save_conf: bool) -> list[s
     """YOLO-format lines 'cls cx cy w h [conf]', normalised by the original image size."""
     gn = torch.tensor(shape)[[1, 0, 1, 0]]
     lines = []
-    for *xyxy, conf, cls in det.tolist():
+    for *xyxy, conf, cls in reversed(det.tolist()):  # ascending confidence, as YOLOv5 writes them
         xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gn).view(-1).tolist()
         row = (cls, *xywh, conf) if save_conf else (cls, *xywh)
         lines.append(("%g " * len(row)).rstrip() % row)
