@@ -245,7 +245,7 @@ def run(
             elif fmt == "onnx":
                 f = export_onnx(model, x, stem.with_suffix(".onnx"), meta, opset, dynamic, simplify)
             else:
-                f = export_openvino(model, im, stem, meta, opset, dynamic, half, written.get("onnx"))
+                f = export_openvino(model, x, stem, meta, opset, dynamic, half, written.get("onnx"))
         except UserError:
             raise
         except Exception as e:  # one format failing must not lose the others
