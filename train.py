@@ -350,10 +350,11 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
             plot_results(save_dir / "results.csv")
         if best.exists() and not opt.noval:
             print(f"\nValidating {best}...")
+            # the training val_loader: re-scanning the split would report every bad file a second time
             results, _, _ = validate.run(data_dict, weights=best, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
                                          single_cls=opt.single_cls, save_dir=save_dir, project=save_dir.parent,
                                          name=save_dir.name, exist_ok=True, plots=not opt.noplots, verbose=True,
-                                         half=False)
+                                         half=False, dataloader=val_loader)
         print(f"Results saved to {colorstr('bold', str(save_dir))}")
     torch.cuda.empty_cache()
     return results
