@@ -125,7 +125,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
 
     init_seeds(opt.seed + 1 + RANK, deterministic=True)
     with torch_distributed_zero_first(LOCAL_RANK):
-        data_dict = check_dataset(opt.data)
+        # on --resume the dataset name comes from a file, not from the user: never run its download step
+        data_dict = check_dataset(opt.data, autodownload=not opt.resume)
     train_path, val_path = data_dict["train"], data_dict["val"]
     nc = 1 if opt.single_cls else int(data_dict["nc"])
     names = {0: "item"} if opt.single_cls and len(data_dict["names"]) != 1 else dict(data_dict["names"])
@@ -397,9 +398,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the distributed launcher")
     opt = parser.parse_args(argv)
     if opt.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {opt.batch_size}")
+        raise UserError(f"--batch-size must be at least 1, got {opt.batch_size}")
     if opt.epochs < 1:
-        parser.error(f"--epochs must be at least 1, got {opt.epochs}")
+        raise UserError(f"--epochs must be at least 1, got {opt.epochs}")
     return opt
 
 
@@ -420,8 +421,14 @@ def resolve_resume(opt: argparse.Namespace) -> argparse.Namespace:
     saved = yaml.safe_load(opt_yaml.read_text()) if opt_yaml.is_file() else None
     if saved is None:
         saved = dict(safe_load(last).get("opt") or {})
-    if not saved:
+    if not isinstance(saved, dict) or not saved:
         raise UserError(f"--resume: {last} has no training options saved with it")
+    # options come from a file that may not be the user's: plain values only (a dataset dict could
+    # smuggle in a download snippet)
+    plain = (str, int, float, bool, type(None))
+    bad = [k for k, v in saved.items() if not (isinstance(v, plain) or (isinstance(v, list) and all(isinstance(x, plain) for x in v)))]
+    if bad:
+        raise UserError(f"--resume: {last} holds training options that are not plain values: {', '.join(map(str, bad))}")
     keep = {"device": opt.device, "workers": opt.workers, "local_rank": opt.local_rank}
     new = argparse.Namespace(**{**vars(parse_opt([])), **saved, **keep})
     new.resume, new.weights, new.save_dir, new.exist_ok = True, str(last), str(run_dir), True
@@ -508,6 +515,9 @@ def main(argv: list[str] | None = None):
                 raise UserError("--evolve is not supported with DDP training")
             return evolve(opt, device)
         return train(load_hyp(opt.hyp), opt, device)
+    except KeyboardInterrupt:  # Ctrl-C outside the epoch loop (which saves last.pt itself): no traceback
+        print("\nInterrupted.", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         if WORLD_SIZE > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -310,7 +310,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     opt = parser.parse_args(argv)
     opt.save_txt |= opt.save_hybrid
     if opt.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {opt.batch_size}")
+        raise UserError(f"--batch-size must be at least 1, got {opt.batch_size}")
     if isinstance(opt.weights, list) and len(opt.weights) == 1:
         opt.weights = opt.weights[0]
     return opt
