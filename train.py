@@ -216,15 +216,20 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     compute_loss = ComputeLoss(model)
     logger = ResultsLogger(save_dir, start_epoch=start_epoch, tensorboard=main_rank) if main_rank else None
     bad_steps = 0
-    print(f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
-          f"Logging results to {colorstr('bold', str(save_dir))}\nStarting training for {epochs} epochs...")
+    # BatchNorm statistics change in the forward pass, before the loss is known: keep the last good ones
+    # so a step that is skipped for a NaN/inf loss cannot leave NaN running means behind
+    bn_buffers = list(de_parallel(model).buffers())
+    good_buffers = [b.detach().clone() for b in bn_buffers]
 
-    def save(epoch: int, fit: float, final: bool = False) -> None:
-        ckpt = make_checkpoint(
+    def checkpoint(epoch: int) -> dict:
+        return make_checkpoint(
             de_parallel(model), ema.ema, epoch=epoch, best_fitness=float(best_fitness), updates=ema.updates,
             optimizer=optimizer.state_dict(), opt={k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()},
             hyp=hyp,
         )
+
+    def save(epoch: int, fit: float, final: bool = False) -> None:
+        ckpt = checkpoint(epoch)
         atomic_save(ckpt, last)
         if best_fitness == fit:
             atomic_save(ckpt, best)
@@ -234,9 +239,26 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     def on_signal(signum, frame):
         raise TrainingInterrupted(signal.Signals(signum).name)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_rank else {}
+    def skip_step(why: str, epoch: int, i: int) -> None:
+        """Drop this step's gradients and BatchNorm updates; stop after MAX_BAD_STEPS in a row."""
+        nonlocal bad_steps
+        bad_steps += 1
+        optimizer.zero_grad()
+        torch._foreach_copy_(bn_buffers, good_buffers)
+        print(f"\nWARNING: {why} at epoch {epoch} batch {i}: step skipped ({bad_steps} in a row)")
+        if bad_steps >= MAX_BAD_STEPS:
+            raise UserError(f"{MAX_BAD_STEPS} non-finite losses or gradients in a row: stopping; the last good "
+                            f"checkpoint is {last if last.exists() else 'not written yet'}. Try a lower --hyp lr0")
+
+    if main_rank and resume_ckpt is None and not opt.nosave:
+        atomic_save(checkpoint(-1), last)  # a run killed in its first epoch can still be resumed
+
     epoch = start_epoch
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_rank else {}
     try:
+        # printed once last.pt exists and Ctrl-C saves it: from here on a run can always be resumed
+        print(f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
+              f"Logging results to {colorstr('bold', str(save_dir))}\nStarting training for {epochs} epochs...")
         for epoch in range(start_epoch, epochs):
             model.train()
             if opt.image_weights:
@@ -271,27 +293,28 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
                     if opt.quad:
                         loss *= 4.0
 
-                if not torch.isfinite(loss):  # a NaN/inf step would poison the weights: skip it
-                    bad_steps += 1
-                    optimizer.zero_grad()
-                    print(f"\nWARNING: non-finite loss {loss.item()} at epoch {epoch} batch {i}: step skipped "
-                          f"({bad_steps} in a row)")
-                    if bad_steps >= MAX_BAD_STEPS:
-                        raise UserError(f"{MAX_BAD_STEPS} non-finite losses in a row: stopping; the last good "
-                                        f"checkpoint is {last if last.exists() else 'not written yet'}. Try a lower --hyp lr0")
+                finite = torch.isfinite(loss.detach()).float().reshape(1)
+                if RANK != -1:  # every rank must skip together, or the others would wait in backward forever
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if not finite.item():  # a NaN/inf step would poison the weights: skip it
+                    skip_step(f"non-finite loss {loss.item()}", epoch, i)
                     continue
-                bad_steps = 0
                 scaler.scale(loss).backward()
 
                 if ni - last_opt_step >= accumulate:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                    if not amp and not torch.isfinite(norm):  # (with AMP the scaler skips such steps itself)
+                        skip_step(f"non-finite gradient norm {norm.item()}", epoch, i)
+                        continue
                     scaler.step(optimizer)
                     scaler.update()
                     optimizer.zero_grad()
                     if ema:
                         ema.update(model)
                     last_opt_step = ni
+                bad_steps = 0
+                torch._foreach_copy_(good_buffers, bn_buffers)
 
                 if main_rank:
                     mloss = (mloss * i + loss_items) / (i + 1)
@@ -328,13 +351,12 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
             if stop:
                 break
     except TrainingInterrupted as e:
+        for s in previous:  # a second Ctrl-C must not cut the checkpoint write below short
+            signal.signal(s, signal.SIG_IGN)
         if main_rank:
             partial = epoch - 1  # the interrupted epoch is redone on resume, from these weights
             if partial >= 0 or not last.exists():
-                ckpt = make_checkpoint(de_parallel(model), ema.ema, epoch=partial, best_fitness=float(best_fitness),
-                                       updates=ema.updates, optimizer=optimizer.state_dict(),
-                                       opt={k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()}, hyp=hyp)
-                atomic_save(ckpt, last)
+                atomic_save(checkpoint(partial), last)
             if logger:
                 logger.close()
             print(f"\nTraining interrupted ({e}) during epoch {epoch}. Saved {last}.\n"
