@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import os
 import pickle
 import re
@@ -153,6 +154,8 @@ def atomic_save(obj: dict, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
 
 
 def make_checkpoint(model: nn.Module, ema_model: nn.Module | None = None, half: bool = True, **extra) -> dict:
