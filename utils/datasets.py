@@ -76,7 +76,7 @@ def exif_size(img: Image.Image) -> tuple[int, int]:
     return w, h
 
 
-def _jpeg_is_truncated(path: str) -> bool:
+def jpeg_is_truncated(path: str) -> bool:
     """A JPEG without its end marker: truncated (True) or merely missing the marker (False)?
 
     libjpeg fills undecodable blocks with zero coefficients, so a cut-off baseline JPEG ends in a
@@ -125,7 +125,7 @@ def verify_image_label(im_file: str, lb_file: str, nc: int | None = None, prefix
             with open(im_file, "rb") as f:
                 f.seek(-2, 2)
                 if f.read() != b"\xff\xd9":
-                    if _jpeg_is_truncated(im_file):
+                    if jpeg_is_truncated(im_file):
                         raise ValueError("truncated JPEG (image data ends early)")
                     notes.append("JPEG end marker missing, the image itself is complete; used as is")
 
@@ -274,6 +274,24 @@ def load_label_cache(path: Path, file_hash: str) -> dict[str, Any] | None:
         return None
 
 
+def orphan_labels(im_files: Sequence[str], label_files: Sequence[str]) -> list[str]:
+    """Label .txt files in the label folders of `label_files` that belong to no image (sorted).
+
+    Folders that also hold the images are skipped: there, other .txt files (lists, notes) are normal.
+    """
+    expected = set(label_files)
+    image_dirs = {os.path.dirname(f) for f in im_files}
+    found = []
+    for d in sorted({os.path.dirname(f) for f in label_files} - image_dirs):
+        try:
+            # classes.txt is labelImg's class list, not a label file
+            found += [e.path for e in os.scandir(d)
+                      if e.name.endswith(".txt") and e.name != "classes.txt" and e.path not in expected]
+        except OSError:  # no label folder at all: every image is a background, reported elsewhere
+            continue
+    return sorted(found)
+
+
 def _collect_images(path: str | Path | Sequence[str | Path], prefix: str = "") -> list[str]:
     """Image files from folders (recursive), .txt lists and single files; sorted, absolute."""
     files: list[str] = []
@@ -354,6 +372,9 @@ class LoadImagesAndLabels(Dataset):
         print(f"{prefix}Scanning {where}... {st['nf']} images, {st['nm'] + st['ne']} backgrounds, {st['nc']} corrupt")
         for m in cache["msgs"]:
             print(f"{prefix}{m}")
+        orphans = orphan_labels(im_files, label_files)
+        if orphans:  # often a renamed or missing image folder: the user should hear about it
+            print(f"{prefix}WARNING: {len(orphans)} label file(s) without an image are ignored, e.g. {orphans[0]}")
         if not cache["im_files"]:
             raise UserError(f"{prefix}no usable images in {path}: all {st['nc']} were corrupt")
         if st["nf"] == 0:
@@ -438,7 +459,7 @@ class LoadImagesAndLabels(Dataset):
     def _make_rect(self, batch_size: int, img_size: int, stride: int, pad: float) -> None:
         """Sort images by aspect ratio and give each batch the smallest stride-multiple shape that fits."""
         ar = self.shapes[:, 1] / self.shapes[:, 0]  # h / w
-        order = ar.argsort(kind="stable")
+        order = ar.argsort()  # numpy's default sort, as the reference, so equal ratios batch the same way
         self._select(order)
         ar = ar[order]
         nb = int(self.batch[-1]) + 1
