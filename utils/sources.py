@@ -31,6 +31,27 @@ def is_stream(source: str) -> bool:
     return s.isnumeric() or s.endswith(".streams") or (s.lower().startswith(STREAM_SCHEMES) and not is_file)
 
 
+def read_image(path: str) -> tuple[np.ndarray | None, str]:
+    """(BGR image, '') or (None, why it cannot be used): unreadable files and truncated JPEGs.
+
+    OpenCV decodes a cut-off JPEG without complaint, filling the missing part with grey; detections
+    on it would be silently wrong, so it is refused here as training refuses it.
+    """
+    im = cv2.imread(path)  # applies EXIF orientation; grey, 16-bit and CMYK files come back as 8-bit BGR
+    if im is None:
+        return None, "not a readable image"
+    if path.lower().endswith((".jpg", ".jpeg")):
+        with open(path, "rb") as f:
+            f.seek(-2, os.SEEK_END)
+            complete = f.read() == b"\xff\xd9"
+        if not complete:
+            from utils.datasets import jpeg_is_truncated
+
+            if jpeg_is_truncated(path):
+                return None, "truncated JPEG (image data ends early)"
+    return im, ""
+
+
 def _expand(path) -> list[str]:
     """A file, a folder, a glob, a .txt list of paths, or a list of any of these -> sorted file paths."""
     if isinstance(path, (list, tuple)):
@@ -65,30 +86,50 @@ class LoadImages:
         self.cap = None
         self.frame = self.frames = 0
         self.fps = 30.0
+        self.skipped: list[tuple[str, str]] = []  # (file, reason): reported once each and counted at the end
+        self.used = 0
+
+    def _skip(self, path: str, why: str) -> None:
+        print(f"WARNING: skipping {path}: {why}")
+        self.skipped.append((path, why))
+
+    def _finish(self) -> None:
+        """End of the source: one summary line of what was skipped; an error if nothing was usable."""
+        if self.skipped:
+            print(f"WARNING: {len(self.skipped)} of {self.nf} files skipped as unreadable "
+                  f"({', '.join(sorted({Path(p).name for p, _ in self.skipped})[:5])}{', ...' if len(self.skipped) > 5 else ''})")
+            if self.used == 0:
+                raise UserError(f"none of the {self.nf} files in the source could be read")
 
     def __len__(self) -> int:
         return self.nf
 
     def __iter__(self):
         self.count = 0
+        self.skipped, self.used = [], 0
         return self
 
-    def _open_video(self, path: str) -> None:
+    def _open_video(self, path: str) -> bool:
         self.cap = cv2.VideoCapture(path)
         if not self.cap.isOpened():
-            raise UserError(f"could not open video {path}")
+            self.cap = None
+            return False
         self.frame = 0
         self.frames = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) / self.vid_stride)
         self.fps = self.cap.get(cv2.CAP_PROP_FPS) or 30.0
+        return True
 
     def __next__(self):
         while True:
             if self.count == self.nf:
+                self._finish()
                 raise StopIteration
             path = self.files[self.count]
             if self.video_flag[self.count]:
-                if self.cap is None:
-                    self._open_video(path)
+                if self.cap is None and not self._open_video(path):
+                    self._skip(path, "not a readable video")
+                    self.count += 1
+                    continue
                 for _ in range(self.vid_stride - 1):
                     self.cap.grab()
                 ok, im0 = self.cap.read()
@@ -102,14 +143,15 @@ class LoadImages:
                 cap = self.cap
             else:
                 self.count += 1
-                im0 = cv2.imread(path)
-                if im0 is None:  # unreadable image: report it and go on with the rest
-                    print(f"WARNING: skipping {path}: not a readable image")
+                im0, why = read_image(path)
+                if im0 is None:  # report it and go on with the rest
+                    self._skip(path, why)
                     continue
                 s = f"image {self.count}/{self.nf} {path}: "
                 cap = None
             im = letterbox(im0, self.img_size, stride=self.stride, auto=self.auto)[0]
             im = np.ascontiguousarray(im.transpose((2, 0, 1))[::-1])  # HWC BGR -> CHW RGB
+            self.used += 1
             return path, im, im0, cap, s
 
 
