@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from utils.errors import UserError
-from utils.sources import IMG_FORMATS
+from utils.sources import IMG_FORMATS, read_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -131,23 +131,41 @@ def preprocess(im_bgr: np.ndarray, imgsz: int) -> torch.Tensor:
 
 
 class ClassificationDataset(Dataset):
-    """Images of one split; __getitem__ gives (tensor, label) and label -1 for an unreadable file."""
+    """Images of one split; __getitem__ gives (tensor, label) and label -1 for an unreadable file.
+
+    Each unreadable file is reported once per run (not once per epoch): the flags live in shared
+    memory, so loader worker processes see what the others already reported.
+    """
 
     def __init__(self, samples: list[tuple[str, int]], imgsz: int, augment: bool):
         self.samples = samples
         self.imgsz = imgsz
         self.transform = train_transforms(imgsz) if augment else eval_transforms(imgsz)
+        self.unreadable = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
+        self._summarised = False
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        im = cv2.imread(path, cv2.IMREAD_COLOR)
+        im, why = read_image(path)  # also refuses truncated JPEGs, which OpenCV would pad with grey
         if im is None:
-            print(f"WARNING: skipping unreadable image {path}", file=sys.stderr)
+            if not self.unreadable[i]:
+                self.unreadable[i] = True
+                print(f"WARNING: skipping unreadable image {path}: {why}", file=sys.stderr)
             return torch.zeros(3, self.imgsz, self.imgsz), -1
         return self.transform(bgr_to_tensor(im)), label
+
+    def summarise(self) -> None:
+        """After a full pass: one line counting the skipped files, or an error if none could be read."""
+        n = int(self.unreadable.sum())
+        if n and n == len(self):
+            raise UserError(f"none of the {n} images in {Path(self.samples[0][0]).parent.parent} could be read")
+        if n and not self._summarised:
+            print(f"WARNING: {n} of {len(self)} images in {Path(self.samples[0][0]).parent.parent} were unreadable "
+                  "and skipped", file=sys.stderr)
+        self._summarised = True
 
 
 def collate_skip_bad(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,6 +184,14 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+class _SummarisingLoader(DataLoader):
+    """A DataLoader that has its dataset summarise unreadable files after each complete pass."""
+
+    def __iter__(self):
+        yield from super().__iter__()
+        self.dataset.summarise()
+
+
 def build_loader(
     dataset: ClassificationDataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0, pin: bool = False
 ) -> DataLoader:
@@ -173,7 +199,7 @@ def build_loader(
     nw = max(0, min(os.cpu_count() or 1, workers, batch_size))
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(
+    return _SummarisingLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
