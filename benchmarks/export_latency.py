@@ -35,6 +35,7 @@ RUNTIMES = ("pytorch", "torchscript", "onnxruntime", "openvino")
 MODELS = ("yolov5n", "yolov5n-spd", "yolov5s", "yolov5s-spd")
 
 
+@torch.no_grad()
 def build(cfg: str, form: str) -> DetectionModel:
     """A fused random-weight model in the given SPD form, returning only the decoded tensor."""
     torch.manual_seed(0)

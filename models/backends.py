@@ -92,11 +92,13 @@ class DetectMultiBackend(nn.Module):
         names: dict | None = None
         stride = 32
         if self.pt:
-            self.model = load_model(w, device=self.device, fuse=fuse)
-            if fuse:  # fused for inference: use the exact, faster export form of every SPD layer
-                from models.spd_export import to_export_form
+            with torch.no_grad():  # fused weights must not carry autograd history into every forward
+                self.model = load_model(w, device=self.device, fuse=fuse)
+                if fuse:  # fused for inference: use the exact, faster export form of every SPD layer
+                    from models.spd_export import to_export_form
 
-                to_export_form(self.model)
+                    to_export_form(self.model)
+            self.model.requires_grad_(False)  # an inference front end: no autograd graph per call
             if self.fp16:
                 self.model.half()
             stride, names = int(self.model.stride.max()), dict(self.model.names)
