@@ -10,9 +10,26 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.optim import ModelEMA
+from utils.optim import ModelEMA, linear_lr, smart_optimizer
 
 TQDM_FORMAT = "{l_bar}{bar:10}{r_bar}"
+LRF = 0.01  # final LR = lr0 * LRF, reached linearly (YOLOv5 classify's schedule)
+
+
+def training_setup(
+    model: nn.Module,
+    epochs: int,
+    optimizer: str = "Adam",
+    lr0: float = 0.001,
+    momentum: float = 0.9,
+    decay: float = 5e-5,
+    label_smoothing: float = 0.1,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, ModelEMA, nn.Module]:
+    """The recipe shared by train.py and the benchmark: YOLOv5 parameter groups, linear LR decay to
+    lr0 * LRF over `epochs` (stepped once per epoch), weight EMA, label-smoothed cross-entropy."""
+    opt = smart_optimizer(model, optimizer, lr0, momentum, decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=linear_lr(LRF, epochs))
+    return opt, scheduler, ModelEMA(model), nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
 @dataclass

@@ -20,21 +20,18 @@ if str(ROOT) not in sys.path:
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 import yaml  # noqa: E402
 
 from classify.checkpoint import load_pretrained, make_checkpoint, plain  # noqa: E402
 from classify.data import ClassificationDataset, build_loader, find_splits, list_samples  # noqa: E402
-from classify.engine import evaluate, format_per_class, train_one_epoch  # noqa: E402
+from classify.engine import evaluate, format_per_class, train_one_epoch, training_setup  # noqa: E402
 from classify.plots import plot_confusion, save_per_class  # noqa: E402
 from models.resnet import MODEL_NAMES, STEMS, ResNet, build_model, parse_model_name  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path  # noqa: E402
-from utils.optim import OPTIMIZERS, ModelEMA, linear_lr, smart_optimizer  # noqa: E402
+from utils.optim import OPTIMIZERS  # noqa: E402
 from utils.plots import plot_results  # noqa: E402
 from utils.torch_utils import count_flops, init_seeds, select_device  # noqa: E402
-
-LRF = 0.01  # final LR = lr0 * LRF, reached linearly (YOLOv5 classify's schedule)
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +51,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum / Adam beta1")
     p.add_argument("--decay", type=float, default=5e-5, help="weight decay")
     p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--cutoff", type=int, default=None, help="keep only the first N (1-4) residual stages before the head")
+    p.add_argument("--cutoff", type=int, default=None,
+                   help="keep only the first N (1-4) residual stages before the head")
     p.add_argument("--dropout", type=float, default=None, help="dropout before the classifier (0-1)")
     p.add_argument("--pretrained", nargs="?", const="torchvision", default=None,
                    help="initial weights: a checkpoint or torchvision .pth file; bare flag: torchvision ImageNet")
@@ -130,16 +128,15 @@ def train(opt: argparse.Namespace) -> dict:
 
     n_params = sum(p.numel() for p in model.parameters())
     gflops = count_flops(model, opt.imgsz)
-    print(f"{opt.model} ({model.cfg['stem']} stem): {n_params:,} parameters, {gflops:.2f} GFLOPs at {opt.imgsz}x{opt.imgsz}")
+    print(f"{opt.model} ({model.cfg['stem']} stem): {n_params:,} parameters, "
+          f"{gflops:.2f} GFLOPs at {opt.imgsz}x{opt.imgsz}")
     print(f"data: {splits.root} - {nc} classes, {len(train_set)} train images, {len(val_set)} {splits.val_name} images")
 
-    optimizer = smart_optimizer(model, opt.optimizer, opt.lr0, opt.momentum, opt.decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=linear_lr(LRF, opt.epochs))
-    ema = ModelEMA(model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=opt.label_smoothing)
+    optimizer, scheduler, ema, criterion = training_setup(model, opt.epochs, opt.optimizer, opt.lr0, opt.momentum,
+                                                          opt.decay, opt.label_smoothing)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
     last, best = wdir / "last.pt", wdir / "best.pt"
-    rows, best_fitness = [], -1.0
+    rows, best_fitness, best_res = [], -1.0, None
     t0 = time.time()
     print(f"Training {opt.model} for {opt.epochs} epochs on {device}; results to {save_dir}")
     for epoch in range(opt.epochs):
@@ -161,16 +158,16 @@ def train(opt: argparse.Namespace) -> dict:
         ckpt = make_checkpoint(ema.ema, names, opt.imgsz, epoch, max(best_fitness, res.top1), optimizer,
                                vars(opt), ema.updates)
         torch.save(ckpt, last)
-        if res.top1 > best_fitness:
-            best_fitness = res.top1
+        if best_res is None or res.top1 > best_fitness:  # epoch 1 is kept even if its top-1 is nan
+            best_fitness, best_res = res.top1, res
             torch.save(ckpt, best)
 
-    # final report from best.pt, which keeps no optimizer state (it is for use, not for resuming)
+    # best.pt keeps no optimizer state (it is for use, not for resuming); its scores are those of its epoch,
+    # measured above with the very weights it holds, so no second pass over the val split is needed
     best_ckpt = torch.load(best, map_location="cpu", weights_only=True)
     best_ckpt["optimizer"] = None
     torch.save(best_ckpt, best)
-    ema.ema.load_state_dict(best_ckpt["state_dict"])
-    final = evaluate(ema.ema, val_loader, device, nc, criterion, desc=splits.val_name)
+    final = best_res
     print(f"\nTraining complete ({(time.time() - t0) / 3600:.3f} hours)")
     print(f"Best {splits.val_name} top-1 {final.top1:.4f}, top-5 {final.top5:.4f} (epoch {best_ckpt['epoch'] + 1})")
     print(format_per_class(final, names))

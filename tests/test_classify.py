@@ -349,6 +349,21 @@ def test_tampered_checkpoint_is_refused(trained, tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=1, broken=False)
     r = subprocess.run([sys.executable, "classify/train.py", "--model", "resnet18-spd", "--imgsz", "36",
-                        "--data", str(data), "--project", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True)
+                        "--data", str(data), "--project", str(tmp_path / "runs")],
+                       cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith("ERROR: --imgsz 36 must be a multiple of 8")
+
+
+def test_benchmark_smoke(tmp_path):
+    from benchmarks import classify_cifar10 as bench
+
+    df = bench.run(bench.parse_opt(["--models", "resnet18", "resnet18-spd", "--train-per-class", "1",
+                                    "--test-per-class", "1", "--batch-size", "5", "--latency-runs", "2",
+                                    "--out", str(tmp_path)]))
+    assert list(df.model) == ["resnet18", "resnet18-spd"] and (df.test_images == 10).all()
+    assert df.params_M.iloc[1] == pytest.approx(PARAMS[("resnet18-spd", "small")] / 1e6)
+    assert (df.GFLOPs > 1).all() and (df.cpu_ms_per_img_b1 > 0).all()
+    md = (tmp_path / "results.md").read_text()
+    assert "| resnet18-spd |" in md and "Command: `python benchmarks/classify_cifar10.py" in md
+    assert (tmp_path / "results.csv").is_file()
