@@ -88,11 +88,12 @@ def bench_model(name: str, opt: argparse.Namespace, splits, train_samples, test_
     test_loader = build_loader(ClassificationDataset(test_samples, opt.imgsz, augment=False), 256, False,
                                opt.workers, opt.seed)
     optimizer, scheduler, ema, criterion = training_setup(model, opt.epochs, lr0=opt.lr0)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None  # fp16 autocast needs loss scaling
     torch.manual_seed(opt.seed)  # model inits drew different amounts of randomness: equalise the augmentations
     t0 = time.time()
     loss = float("nan")
     for epoch in range(opt.epochs):
-        loss = train_one_epoch(model, train_loader, optimizer, criterion, device, ema,
+        loss = train_one_epoch(model, train_loader, optimizer, criterion, device, ema, scaler,
                                desc=f"{name} {epoch + 1}/{opt.epochs}")
         scheduler.step()
     train_s = time.time() - t0
