@@ -57,6 +57,14 @@ def export_stem(weights: Path) -> Path:
     return Path.cwd() / weights.stem
 
 
+def _short(p: Path) -> Path:
+    """p relative to the current folder when it lies inside it (what a user would type)."""
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return p
+
+
 def check_imgsz(imgsz: list[int], stride: int) -> list[int]:
     sizes = list(imgsz) * 2 if len(imgsz) == 1 else list(imgsz)
     if len(sizes) != 2 or any(int(s) <= 0 for s in sizes):
@@ -253,7 +261,7 @@ def run(
             failed.append(fmt)
             continue
         size = sum(p.stat().st_size for p in f.rglob("*")) if f.is_dir() else f.stat().st_size
-        print(f"{fmt}: export success in {time.time() - t:.1f}s, saved as {f} ({size / 1e6:.1f} MB)")
+        print(f"{fmt}: export success in {time.time() - t:.1f}s, saved as {_short(f)} ({size / 1e6:.1f} MB)")
         ok = check_export(f, reference, imgsz, stride, batch_size, dynamic, check_image, device,
                           TOLERANCE["fp16" if half else "fp32"])
         if ok:
@@ -263,6 +271,7 @@ def run(
 
     print(f"\nExport complete ({time.time() - t0:.1f}s)")
     for fmt, f in written.items():
+        f = _short(f)
         print(f"{fmt:12s} {f}\n{'':12s} detect: python detect.py --weights {f}\n{'':12s} validate: python val.py --weights {f}")
     if failed:
         raise UserError(f"export failed or did not match PyTorch for: {', '.join(failed)} (see above)")

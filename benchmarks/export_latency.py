@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
+from models.backends import channels_last  # noqa: E402
 from models.spd_export import to_export_form  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
 from utils.torch_utils import count_flops  # noqa: E402
@@ -47,11 +48,12 @@ def build(cfg: str, form: str) -> DetectionModel:
 
 
 def engines(model: DetectionModel, x: torch.Tensor, runtimes: list[str], tmp: Path, threads: int,
-            tag: str) -> dict[str, Callable[[], object]]:
+            tag: str, cl: bool = True) -> dict[str, Callable[[], object]]:
     """One zero-argument callable per runtime that runs the model once on x."""
     out: dict[str, Callable[[], object]] = {}
-    if "pytorch" in runtimes:
-        out["pytorch"] = lambda: model(x)
+    if "pytorch" in runtimes:  # as DetectMultiBackend runs .pt weights on CPU: channels-last conv weights
+        pm = channels_last(deepcopy(model)) if cl else model
+        out["pytorch"] = lambda: pm(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer / legacy exporter deprecation chatter
         if "torchscript" in runtimes:
@@ -84,7 +86,8 @@ def engines(model: DetectionModel, x: torch.Tensor, runtimes: list[str], tmp: Pa
 
 
 def run(models: list[str] = list(MODELS), runtimes: list[str] = list(RUNTIMES), imgsz: int = 640, threads: int = 2,
-        runs: int = 30, warmup: int = 3, csv_path: str | Path = ROOT / "runs/benchmarks/export_latency.csv") -> list[dict]:
+        runs: int = 30, warmup: int = 3, csv_path: str | Path = ROOT / "runs/benchmarks/export_latency.csv",
+        nchw: bool = False) -> list[dict]:
     torch.set_num_threads(threads)
     x = torch.rand(1, 3, imgsz, imgsz)
     rows, calls = [], {}
@@ -94,7 +97,7 @@ def run(models: list[str] = list(MODELS), runtimes: list[str] = list(RUNTIMES), 
                 m = build(cfg, form)
                 key = (cfg, form)
                 print(f"preparing {cfg} ({form})...", flush=True)
-                calls[key] = engines(m, x, runtimes, Path(tmp), threads, f"{cfg}-{form}")
+                calls[key] = engines(m, x, runtimes, Path(tmp), threads, f"{cfg}-{form}", cl=not nchw)
                 params = sum(p.numel() for p in m.parameters())
                 rows.append({"model": cfg, "spd_form": form, "params_M": round(params / 1e6, 2),
                              "GFLOPs": round(count_flops(deepcopy(m), imgsz), 1)})
@@ -114,6 +117,8 @@ def run(models: list[str] = list(MODELS), runtimes: list[str] = list(RUNTIMES), 
             t = times.get(((row["model"], row["spd_form"]), r))
             row[f"{r}_ms"] = round(statistics.median(t), 1) if t else None
     print_table(rows, runtimes, imgsz, threads, runs)
+    print(f"PyTorch column: {'NCHW' if nchw else 'channels-last'} conv weights"
+          f"{'' if nchw else ' (what DetectMultiBackend uses for .pt weights on CPU)'}")
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
@@ -157,6 +162,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=30, help="timed runs per engine")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--nchw", action="store_true", help="PyTorch with plain NCHW weights (default channels-last)")
     p.add_argument("--csv", dest="csv_path", default=str(ROOT / "runs/benchmarks/export_latency.csv"))
     return p.parse_args(argv)
 

@@ -56,6 +56,17 @@ def _static_hw(shape) -> tuple[int, int] | None:
     return (int(h), int(w)) if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 else None
 
 
+def channels_last(model: nn.Module) -> nn.Module:
+    """Store conv weights channels-last: oneDNN's CPU convs then skip a layout reorder per layer (~10%).
+
+    Only the 4-D conv weights are converted (the Detect grids are 5-D); activations follow the weights.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
 def weights_format(w: Path) -> str:
     """'pt', 'jit', 'onnx' or 'openvino' from the path's suffix (folders: OpenVINO IR)."""
     s = str(w).rstrip("/\\")
@@ -99,6 +110,8 @@ class DetectMultiBackend(nn.Module):
 
                     to_export_form(self.model)
             self.model.requires_grad_(False)  # an inference front end: no autograd graph per call
+            if fuse and self.device.type == "cpu":
+                channels_last(self.model)
             if self.fp16:
                 self.model.half()
             stride, names = int(self.model.stride.max()), dict(self.model.names)
