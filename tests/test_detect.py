@@ -44,7 +44,7 @@ def test_summary_line(yolov5n_weights, images_dir, tmp_path, capsys):
 def test_video_end_to_end(yolov5n_weights, tmp_path):
     video = shared_path("videos", "car-detection.mp4")
     n_in = int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT))
-    out = detect.run(weights=yolov5n_weights, source=video, imgsz=[256], project=tmp_path, verbose=False)
+    out = detect.run(weights=yolov5n_weights, source=video, imgsz=[128], project=tmp_path, verbose=False)
     saved = out["save_dir"] / "car-detection.mp4"
     cap = cv2.VideoCapture(str(saved))
     n_out = 0
