@@ -112,7 +112,8 @@ def run(
         data = check_dataset(data)
         model = DetectMultiBackend(weights, device=device, fp16=half and device.type != "cpu", data=data)
         half = model.fp16
-        stride, names, pt = model.stride, dict(model.names), model.pt
+        stride, names = model.stride, dict(model.names)
+        pt = model.fixed_imgsz is None  # rectangular batches for any format that accepts any shape
         imgsz = check_img_size(imgsz, stride)
         fixed_batch = getattr(model, "batch_size", None)
         if fixed_batch:

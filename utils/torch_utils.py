@@ -89,6 +89,7 @@ def torch_distributed_zero_first(local_rank: int):
         dist.barrier()
 
 
+@torch.no_grad()
 def fuse_conv_and_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """Fold a BatchNorm into the preceding convolution: y = gamma * (Wx - mean) / std + beta."""
     fused = nn.Conv2d(
