@@ -8,6 +8,7 @@ import csv
 import gc
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,7 +110,7 @@ class TrainProcess:
 def test_kill_at_random_points_and_ctrl_c_then_resume_finishes_the_plan(coco8, tmp_path):
     """SIGKILL during an epoch, during validation and during a checkpoint write, then Ctrl-C: each
     time last.pt loads, and resuming ends with exactly the planned epochs in results.csv."""
-    epochs, rng = 3, random.Random(KILL_SEED)
+    epochs, rng = 12, random.Random(KILL_SEED)  # enough epochs that an idle machine is still training at each kill point
     run = tmp_path / "kill"
     last = run / "weights" / "last.pt"
     first = ["--data", str(coco8), "--cfg", "yolov5n.yaml", "--epochs", str(epochs), "--batch", "2",
@@ -145,15 +146,27 @@ def test_kill_at_random_points_and_ctrl_c_then_resume_finishes_the_plan(coco8, t
     plan = [kill_during_epoch, kill_during_validation, kill_during_checkpoint_write]
     rng.shuffle(plan)
     events = []  # (kill, epoch in last.pt afterwards): shown when an assertion fails
+    def next_args() -> tuple[list[str], int]:
+        """Resume what the last kill left; if it struck after the final epoch, start the run afresh."""
+        if not last.exists():
+            return first, epochs
+        done = check_last() + 1
+        if done >= epochs:  # nothing left to resume: a fast machine finished before the kill point
+            shutil.rmtree(run)
+            return first, epochs
+        return resume, epochs - done
+
     for k, kill in enumerate(plan):
-        remaining = epochs - (check_last() + 1 if k else 0)
-        hit = kill(TrainProcess(first if k == 0 else resume, tmp_path, f"run{k}"), remaining)
+        args, remaining = next_args()
+        hit = kill(TrainProcess(args, tmp_path, f"run{k}"), remaining)
         if kill is kill_during_checkpoint_write and not hit:  # the rename won the race: one more try
-            kill(TrainProcess(resume, tmp_path, f"run{k}b"), remaining)
+            args, remaining = next_args()
+            kill(TrainProcess(args, tmp_path, f"run{k}b"), remaining)
         events.append((kill.__name__, check_last()))
 
     # Ctrl-C: last.pt is saved and the message says how to resume
-    p = TrainProcess(resume, tmp_path, "interrupted")
+    args, _ = next_args()
+    p = TrainProcess(args, tmp_path, "interrupted")
     p.wait_until(started(p))
     time.sleep(rng.uniform(0.2, 1.5))
     assert p.signal(signal.SIGINT) == 130, events
