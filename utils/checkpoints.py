@@ -154,7 +154,8 @@ def atomic_save(obj: dict, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a writer that was killed
+    # temporaries left by a writer that was killed (of this file or a sibling such as best.pt next to last.pt)
+    for stale in path.parent.glob(f".*{glob.escape(path.suffix)}.*.tmp"):
         stale.unlink(missing_ok=True)
 
 
