@@ -27,18 +27,7 @@ from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.sources import VID_FORMATS, LoadImages, LoadStreams, is_stream  # noqa: E402
-from utils.torch_utils import select_device, time_sync  # noqa: E402
-
-
-def check_img_size(imgsz, stride: int = 32) -> list[int]:
-    """Round each image size up to a multiple of the stride, warning when it changes."""
-    sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
-    if any(int(s) <= 0 for s in sizes):
-        raise UserError(f"--imgsz must be positive, got {imgsz}")
-    new = [int(-(-int(s) // stride) * stride) for s in sizes]
-    if new != [int(s) for s in sizes]:
-        print(f"WARNING: --imgsz {imgsz} must be a multiple of max stride {stride}, updating to {new}")
-    return new
+from utils.torch_utils import check_img_size, select_device, time_sync  # noqa: E402
 
 
 def describe(det: torch.Tensor, names: dict) -> str:

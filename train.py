@@ -45,7 +45,7 @@ from utils.optim import EarlyStopping, ModelEMA, linear_lr, one_cycle, smart_opt
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
 from utils.sampling import labels_to_class_weights, labels_to_image_weights  # noqa: E402
 from utils.torch_utils import (  # noqa: E402
-    LOCAL_RANK, RANK, WORLD_SIZE, de_parallel, init_seeds, intersect_dicts, select_device, torch_distributed_zero_first,
+    LOCAL_RANK, RANK, WORLD_SIZE, check_img_size, de_parallel, init_seeds, intersect_dicts, select_device, torch_distributed_zero_first,
 )
 
 HYPS_DIR = ROOT / "data" / "hyps"
@@ -72,15 +72,6 @@ def load_hyp(hyp: str | Path | dict) -> dict:
     if missing or unknown:
         raise UserError(f"hyperparameter file {p}: missing {sorted(missing)}, unknown {sorted(unknown)}")
     return d
-
-
-def check_img_size(imgsz: int, stride: int, floor: int = 0) -> int:
-    if int(imgsz) <= 0:
-        raise UserError(f"--imgsz must be positive, got {imgsz}")
-    new = max(int(math.ceil(int(imgsz) / stride) * stride), floor)
-    if new != int(imgsz):
-        print(f"WARNING: --imgsz {imgsz} must be a multiple of max stride {stride}, updating to {new}")
-    return new
 
 
 def build_model(opt: argparse.Namespace, hyp: dict, nc: int, names: dict, device: torch.device, resume_ckpt: dict | None):

@@ -29,20 +29,11 @@ from utils.files import increment_path  # noqa: E402
 from utils.metrics import COCOStyleEvaluator, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.plots import plot_images  # noqa: E402
-from utils.torch_utils import select_device, time_sync  # noqa: E402
+from utils.torch_utils import check_img_size, select_device, time_sync  # noqa: E402
 
 HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 ROW = "%22s" + "%11i" * 2 + "%11.3g" * 4
 TASKS = ("train", "val", "test", "speed", "study")
-
-
-def check_img_size(imgsz: int, stride: int) -> int:
-    if int(imgsz) <= 0:
-        raise UserError(f"--imgsz must be positive, got {imgsz}")
-    new = int(-(-int(imgsz) // stride) * stride)
-    if new != int(imgsz):
-        print(f"WARNING: --imgsz {imgsz} must be a multiple of max stride {stride}, updating to {new}")
-    return new
 
 
 def save_one_txt(predn: torch.Tensor, save_conf: bool, shape: tuple, file: Path) -> None:

@@ -159,3 +159,14 @@ def scale_img(img: torch.Tensor, ratio: float = 1.0, same_shape: bool = False, g
     if not same_shape:
         h, w = (math.ceil(x * ratio / gs) * gs for x in (h, w))
     return torch.nn.functional.pad(img, [0, w - s[1], 0, h - s[0]], value=0.447)
+
+
+def check_img_size(imgsz, stride: int = 32, floor: int = 0):
+    """Round an image size (int) or sizes (list) up to a multiple of the stride, at least `floor`, warning on change."""
+    sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
+    if any(int(s) <= 0 for s in sizes):
+        raise UserError(f"--imgsz must be positive, got {imgsz}")
+    new = [max(int(math.ceil(int(s) / stride) * stride), floor) for s in sizes]
+    if new != [int(s) for s in sizes]:
+        print(f"WARNING: --imgsz {imgsz} must be a multiple of max stride {stride}, updating to {new[0] if isinstance(imgsz, int) else new}")
+    return new[0] if isinstance(imgsz, int) else new
