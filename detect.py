@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 
 from models.backends import DetectMultiBackend  # noqa: E402
 from utils.annotator import Annotator, colors  # noqa: E402
-from utils.boxes import scale_boxes, xyxy2xywh  # noqa: E402
+from utils.boxes import scale_boxes, xyxy2xywh, yolo_label_lines  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
@@ -37,17 +37,6 @@ def describe(det: torch.Tensor, names: dict) -> str:
         n = int((det[:, 5] == c).sum())
         parts.append(f"{n} {names[int(c)]}{'s' * (n > 1)}")
     return ", ".join(parts) if parts else "(no detections)"
-
-
-def yolo_label_lines(det: torch.Tensor, shape: tuple, save_conf: bool) -> list[str]:
-    """YOLO-format lines 'cls cx cy w h [conf]', normalised by the original image size."""
-    gn = torch.tensor(shape)[[1, 0, 1, 0]]
-    lines = []
-    for *xyxy, conf, cls in reversed(det.tolist()):  # ascending confidence, as YOLOv5 writes them
-        xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gn).view(-1).tolist()
-        row = (cls, *xywh, conf) if save_conf else (cls, *xywh)
-        lines.append(("%g " * len(row)).rstrip() % row)
-    return lines
 
 
 def save_one_box(xyxy, im: np.ndarray, file: Path, gain: float = 1.02, pad: int = 10) -> np.ndarray:
@@ -162,7 +151,7 @@ def run(
             results.append((str(p) if not is_video else f"{p}:{frame}", det.cpu()))
 
             if save_txt:
-                lines = yolo_label_lines(det.cpu(), im0.shape, save_conf)
+                lines = yolo_label_lines(det.cpu().flip(0), im0.shape, save_conf)  # ascending confidence, as YOLOv5
                 if lines:
                     with open(f"{txt_path}.txt", "a") as f:
                         f.write("\n".join(lines) + "\n")

@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 from models.backends import DetectMultiBackend  # noqa: E402
-from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
+from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh, yolo_label_lines  # noqa: E402
 from utils.coco import append_predictions, coco80_to_coco91_class, run_pycocotools, yolo_labels_to_coco_gt  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
@@ -34,15 +34,6 @@ from utils.torch_utils import check_img_size, select_device, time_sync  # noqa: 
 HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 ROW = "%22s" + "%11i" * 2 + "%11.3g" * 4
 TASKS = ("train", "val", "test", "speed", "study")
-
-
-def save_one_txt(predn: torch.Tensor, save_conf: bool, shape: tuple, file: Path) -> None:
-    gn = torch.tensor(shape)[[1, 0, 1, 0]]
-    with open(file, "a") as f:
-        for *xyxy, conf, cls in predn.tolist():
-            xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gn).view(-1).tolist()
-            line = (cls, *xywh, conf) if save_conf else (cls, *xywh)
-            f.write(("%g " * len(line)).rstrip() % line + "\n")
 
 
 def is_coco_dataset(data: dict) -> bool:
@@ -204,7 +195,8 @@ def run(
             coco_eval.update(len(coco_eval), predn[:, :4], predn[:, 4], predn[:, 5], labelsn[:, 1:], labelsn[:, 0])
 
             if save_txt:
-                save_one_txt(predn, save_conf, shape, file=save_dir / "labels" / f"{path.stem}.txt")
+                with open(save_dir / "labels" / f"{path.stem}.txt", "a") as f:
+                    f.writelines(line + "\n" for line in yolo_label_lines(predn.cpu(), shape, save_conf))
             if save_json:
                 append_predictions(jdict, predn, path, class_map)
 

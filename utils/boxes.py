@@ -95,3 +95,14 @@ def scale_boxes(img1_shape: tuple, boxes, img0_shape: tuple, ratio_pad=None):
     boxes[..., :4] /= gain
     clip_boxes(boxes, img0_shape)
     return boxes
+
+
+def yolo_label_lines(det, shape: tuple, save_conf: bool) -> list[str]:
+    """YOLO-format lines 'cls cx cy w h [conf]' for (n, 6) xyxy/conf/cls rows, normalised by image shape (h, w)."""
+    gn = torch.tensor(shape[:2])[[1, 0, 1, 0]].float()
+    lines = []
+    for *xyxy, conf, cls in torch.as_tensor(det).tolist():
+        xywh = (xyxy2xywh(torch.tensor(xyxy).view(1, 4)) / gn).view(-1).tolist()
+        row = (cls, *xywh, conf) if save_conf else (cls, *xywh)
+        lines.append(("%g " * len(row)).rstrip() % row)
+    return lines
