@@ -27,6 +27,7 @@ from classify.data import ClassificationDataset, build_loader, find_splits, list
 from classify.engine import evaluate, format_per_class, train_one_epoch, training_setup  # noqa: E402
 from classify.plots import plot_confusion, save_per_class  # noqa: E402
 from models.resnet import MODEL_NAMES, STEMS, ResNet, build_model, parse_model_name  # noqa: E402
+from utils.checkpoints import atomic_save  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path  # noqa: E402
 from utils.optim import OPTIMIZERS  # noqa: E402
@@ -157,16 +158,16 @@ def train(opt: argparse.Namespace) -> dict:
             print(format_per_class(res, names))
         ckpt = make_checkpoint(ema.ema, names, opt.imgsz, epoch, max(best_fitness, res.top1), optimizer,
                                vars(opt), ema.updates)
-        torch.save(ckpt, last)
+        atomic_save(ckpt, last)  # a kill mid-write leaves the previous epoch's file, never a torn one
         if best_res is None or res.top1 > best_fitness:  # epoch 1 is kept even if its top-1 is nan
             best_fitness, best_res = res.top1, res
-            torch.save(ckpt, best)
+            atomic_save(ckpt, best)
 
     # best.pt keeps no optimizer state (it is for use, not for resuming); its scores are those of its epoch,
     # measured above with the very weights it holds, so no second pass over the val split is needed
     best_ckpt = torch.load(best, map_location="cpu", weights_only=True)
     best_ckpt["optimizer"] = None
-    torch.save(best_ckpt, best)
+    atomic_save(best_ckpt, best)
     final = best_res
     print(f"\nTraining complete ({(time.time() - t0) / 3600:.3f} hours)")
     print(f"Best {splits.val_name} top-1 {final.top1:.4f}, top-5 {final.top5:.4f} (epoch {best_ckpt['epoch'] + 1})")
