@@ -134,24 +134,6 @@ def space_to_depth_slices(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
 
 
-def space_to_depth_reshape(x: torch.Tensor) -> torch.Tensor:
-    """Exactly space_to_depth_slices(x), as one reshape-permute copy.
-
-    Its backward is one copy too, where the slice form's is four zero-filled scatters and their sum:
-    2-4x cheaper per SPD layer, which is why training uses it.
-    """
-    check_even_hw(x, "space_to_depth")
-    b, c, h, w = x.shape
-    # (b, c, h/2, row, w/2, col) -> (b, col, row, c, h/2, w/2): channel block 2 * col + row, as in the slice order
-    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 5, 3, 1, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
-
-
-def _space_to_depth(x: torch.Tensor, training: bool) -> torch.Tensor:
-    # identical outputs either way; eval keeps the authors' slices so that `export.py --spd-form slice`
-    # and the latency benchmark's "slice" rows show their form
-    return space_to_depth_reshape(x) if training else space_to_depth_slices(x)
-
-
 class Focus(nn.Module):
     """Space-to-depth of the input image followed by a Conv: the SPD-Conv stem."""
 
@@ -160,7 +142,7 @@ class Focus(nn.Module):
         self.conv = Conv(c1 * 4, c2, k, s, p, g, act=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(_space_to_depth(x, self.training))
+        return self.conv(space_to_depth_slices(x))
 
 
 class space_to_depth(nn.Module):  # noqa: N801 - name fixed by the SPD-Conv configs and checkpoints
@@ -171,7 +153,7 @@ class space_to_depth(nn.Module):  # noqa: N801 - name fixed by the SPD-Conv conf
         self.d = dimension
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _space_to_depth(x, self.training)
+        return space_to_depth_slices(x)
 
 
 class Concat(nn.Module):

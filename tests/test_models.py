@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.common import Conv, Focus, space_to_depth, space_to_depth_reshape, space_to_depth_slices
+from models.common import Conv, Focus, space_to_depth
 from models.yolo import Detect, Model, resolve_cfg
 from utils.errors import UserError
 from utils.torch_utils import count_flops
@@ -35,27 +35,6 @@ def test_space_to_depth_channel_order_and_shape():
 def test_space_to_depth_rejects_odd_sizes(shape):
     with pytest.raises(ValueError, match="even height and width"):
         space_to_depth()(torch.zeros(shape))
-    with pytest.raises(ValueError, match="even height and width"):
-        space_to_depth().eval()(torch.zeros(shape))
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_training_reshape_form_equals_slices_with_gradients(channels_last):
-    """Training runs the reshape form, eval the authors' slices: same values and same gradients, bit for bit."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 6, 8)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    g = torch.randn(2, 20, 3, 4)
-    grads = []
-    for fn in (space_to_depth_reshape, space_to_depth_slices):
-        xi = x.clone().requires_grad_(True)
-        y = fn(xi)
-        y.backward(g)
-        grads.append((y.detach(), xi.grad))
-    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
-    m = space_to_depth()
-    assert torch.equal(m.train()(x), m.eval()(x))
 
 
 def test_focus_uses_the_same_order():
