@@ -97,9 +97,8 @@ def run(
         stride, names = model.stride, dict(model.names)
         pt = model.fixed_imgsz is None  # rectangular batches for any format that accepts any shape
         imgsz = check_img_size(imgsz, stride)
-        fixed_batch = getattr(model, "batch_size", None)
-        if fixed_batch:
-            batch_size = fixed_batch
+        if model.batch:  # a fixed-batch export is fed exactly that many images at a time
+            batch_size = model.batch
         if model.fixed_imgsz is not None:
             if imgsz != model.fixed_imgsz[0]:
                 print(f"Note: fixed-shape export, evaluating at its export size {model.fixed_imgsz[0]}")

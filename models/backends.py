@@ -198,11 +198,6 @@ class DetectMultiBackend(nn.Module):
             meta["nc"] = model.outputs[0].get_partial_shape()[-1].get_length() - 5
         return self._apply_metadata(meta or {}, input_shape=shape)
 
-    @property
-    def batch_size(self) -> int | None:
-        """The export's fixed batch size (val.py batches to it), None when any batch works."""
-        return self.batch
-
     # --- inference ---------------------------------------------------------------------------
     def forward(self, im: torch.Tensor, augment: bool = False) -> torch.Tensor:
         if augment and not self.pt and not self._warned_augment:
