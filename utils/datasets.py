@@ -33,11 +33,10 @@ from utils.augmentations import (
 )
 from utils.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
 from utils.errors import UserError
+from utils.sources import IMG_FORMATS, TRUNCATED_JPEG, jpeg_end_marker_missing, jpeg_is_truncated
 from utils.torch_utils import torch_distributed_zero_first
 
 ROOT = Path(__file__).resolve().parents[1]
-IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
-VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv")
 RANK = int(os.getenv("RANK", -1))
 NUM_THREADS = min(8, max(1, (os.cpu_count() or 1) - 1))
 CACHE_VERSION = 1  # bump when the cache layout or the label checks change
@@ -76,20 +75,6 @@ def exif_size(img: Image.Image) -> tuple[int, int]:
     return w, h
 
 
-def jpeg_is_truncated(path: str) -> bool:
-    """A JPEG without its end marker: truncated (True) or merely missing the marker (False)?
-
-    libjpeg fills undecodable blocks with zero coefficients, so a cut-off baseline JPEG ends in a
-    band of one flat colour; a complete image that only lacks the marker almost never does.
-    """
-    data = np.fromfile(path, np.uint8)
-    im = cv2.imdecode(np.concatenate([data, np.array([0xFF, 0xD9], np.uint8)]), cv2.IMREAD_COLOR)
-    if im is None:
-        return True
-    bottom = im[-8:].reshape(-1, im.shape[-1])
-    return bool((bottom == bottom[0]).all())
-
-
 def _read_label_rows(lb_file: str) -> list[list[str]]:
     with open(lb_file, encoding="utf-8-sig") as f:  # tolerate a byte-order mark from Windows editors
         return [line.split() for line in f.read().strip().splitlines() if line.strip()]
@@ -121,13 +106,10 @@ def verify_image_label(im_file: str, lb_file: str, nc: int | None = None, prefix
             raise ValueError(f"unsupported image format '{fmt}'")
         if shape[0] < 10 or shape[1] < 10:
             raise ValueError(f"image size {shape[0]}x{shape[1]} is under 10 pixels")
-        if fmt in ("jpeg", "mpo"):
-            with open(im_file, "rb") as f:
-                f.seek(-2, 2)
-                if f.read() != b"\xff\xd9":
-                    if jpeg_is_truncated(im_file):
-                        raise ValueError("truncated JPEG (image data ends early)")
-                    notes.append("JPEG end marker missing, the image itself is complete; used as is")
+        if fmt in ("jpeg", "mpo") and jpeg_end_marker_missing(im_file):
+            if jpeg_is_truncated(im_file):
+                raise ValueError(TRUNCATED_JPEG)
+            notes.append("JPEG end marker missing, the image itself is complete; used as is")
 
         if os.path.isfile(lb_file):
             nf = 1

@@ -31,6 +31,30 @@ def is_stream(source: str) -> bool:
     return s.isnumeric() or s.endswith(".streams") or (s.lower().startswith(STREAM_SCHEMES) and not is_file)
 
 
+TRUNCATED_JPEG = "truncated JPEG (image data ends early)"
+
+
+def jpeg_end_marker_missing(path: str) -> bool:
+    """True when a JPEG file does not end with the end-of-image marker FF D9."""
+    with open(path, "rb") as f:
+        f.seek(-2, os.SEEK_END)
+        return f.read() != b"\xff\xd9"
+
+
+def jpeg_is_truncated(path: str) -> bool:
+    """A JPEG without its end marker: truncated (True) or merely missing the marker (False)?
+
+    libjpeg fills undecodable blocks with zero coefficients, so a cut-off baseline JPEG ends in a
+    band of one flat colour; a complete image that only lacks the marker almost never does.
+    """
+    data = np.fromfile(path, np.uint8)
+    im = cv2.imdecode(np.concatenate([data, np.array([0xFF, 0xD9], np.uint8)]), cv2.IMREAD_COLOR)
+    if im is None:
+        return True
+    bottom = im[-8:].reshape(-1, im.shape[-1])
+    return bool((bottom == bottom[0]).all())
+
+
 def read_image(path: str) -> tuple[np.ndarray | None, str]:
     """(BGR image, '') or (None, why it cannot be used): unreadable files and truncated JPEGs.
 
@@ -40,15 +64,8 @@ def read_image(path: str) -> tuple[np.ndarray | None, str]:
     im = cv2.imread(path)  # applies EXIF orientation; grey, 16-bit and CMYK files come back as 8-bit BGR
     if im is None:
         return None, "not a readable image"
-    if path.lower().endswith((".jpg", ".jpeg")):
-        with open(path, "rb") as f:
-            f.seek(-2, os.SEEK_END)
-            complete = f.read() == b"\xff\xd9"
-        if not complete:
-            from utils.datasets import jpeg_is_truncated
-
-            if jpeg_is_truncated(path):
-                return None, "truncated JPEG (image data ends early)"
+    if path.lower().endswith((".jpg", ".jpeg")) and jpeg_end_marker_missing(path) and jpeg_is_truncated(path):
+        return None, TRUNCATED_JPEG
     return im, ""
 
 
