@@ -37,7 +37,7 @@ from classify.data import ClassificationDataset, build_loader, find_splits, list
 from classify.engine import evaluate, train_one_epoch, training_setup  # noqa: E402
 from models.resnet import MODEL_NAMES, build_model  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
-from utils.torch_utils import count_flops, init_seeds, select_device  # noqa: E402
+from utils.torch_utils import count_flops, forward_times_ms, init_seeds, select_device  # noqa: E402
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,19 +61,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     return opt
 
 
-@torch.inference_mode()
 def cpu_latency_ms(model: torch.nn.Module, imgsz: int, runs: int, warmup: int = 5) -> float:
     """Median wall time of one batch-1 forward pass on the CPU, in milliseconds."""
-    model = model.cpu().eval()
-    x = torch.randn(1, 3, imgsz, imgsz)
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return statistics.median(forward_times_ms(model.cpu().eval(), torch.randn(1, 3, imgsz, imgsz), runs, warmup))
 
 
 def bench_model(name: str, opt: argparse.Namespace, splits, train_samples, test_samples, device) -> dict:

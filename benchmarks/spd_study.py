@@ -54,7 +54,7 @@ from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path  # noqa: E402
 from utils.metrics import COCOStyleEvaluator  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
-from utils.torch_utils import count_flops, select_device  # noqa: E402
+from utils.torch_utils import count_flops, forward_times_ms, select_device  # noqa: E402
 
 DEFAULT_DATA = "../shared/data/deeppcb/deeppcb.yaml"
 DEFAULT_WEIGHTS = "../shared/weights/yolov5n.pt"
@@ -298,7 +298,6 @@ def cost(weights: Path, imgsz: int) -> tuple[int, float]:
     return params, count_flops(model.fuse(), imgsz)
 
 
-@torch.inference_mode()
 def cpu_latency_ms(weights: Path, imgsz: int, runs: int = 30, threads: int = 2) -> tuple[float, float]:
     """(median, min) ms of one batch-1 forward pass (fused, export form, no NMS) on `threads` CPU threads.
 
@@ -308,15 +307,8 @@ def cpu_latency_ms(weights: Path, imgsz: int, runs: int = 30, threads: int = 2) 
     torch.set_num_threads(threads)
     try:
         model = DetectMultiBackend(weights, device=torch.device("cpu"), fuse=True)
-        x = torch.zeros(1, 3, imgsz, imgsz)
-        for _ in range(3):  # warm-up: allocator and kernel selection
-            model(x)
-        ts = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            model(x)
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts) * 1e3, min(ts) * 1e3
+        ts = forward_times_ms(model, torch.zeros(1, 3, imgsz, imgsz), runs)
+        return statistics.median(ts), min(ts)
     finally:
         torch.set_num_threads(old)
 

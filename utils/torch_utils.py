@@ -170,3 +170,17 @@ def check_img_size(imgsz, stride: int = 32, floor: int = 0):
     if new != [int(s) for s in sizes]:
         print(f"WARNING: --imgsz {imgsz} must be a multiple of max stride {stride}, updating to {new[0] if isinstance(imgsz, int) else new}")
     return new[0] if isinstance(imgsz, int) else new
+
+
+@torch.inference_mode()
+def forward_times_ms(model: nn.Module, x: torch.Tensor, runs: int, warmup: int = 3) -> list[float]:
+    """Wall-clock milliseconds of each of `runs` forward passes of model(x), after `warmup` untimed ones
+    (allocator and kernel selection)."""
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
