@@ -163,13 +163,15 @@ def scale_img(img: torch.Tensor, ratio: float = 1.0, same_shape: bool = False, g
 
 def check_img_size(imgsz, stride: int = 32, floor: int = 0):
     """Round an image size (int) or sizes (list) up to a multiple of the stride, at least `floor`, warning on change."""
-    sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
-    if any(int(s) <= 0 for s in sizes):
+    single = isinstance(imgsz, int)
+    sizes = [imgsz] if single else [int(s) for s in imgsz]
+    if any(s <= 0 for s in sizes):
         raise UserError(f"--imgsz must be positive, got {imgsz}")
-    new = [max(int(math.ceil(int(s) / stride) * stride), floor) for s in sizes]
-    if new != [int(s) for s in sizes]:
-        print(f"WARNING: --imgsz {imgsz} must be a multiple of max stride {stride}, updating to {new[0] if isinstance(imgsz, int) else new}")
-    return new[0] if isinstance(imgsz, int) else new
+    new = [max(int(math.ceil(s / stride) * stride), floor) for s in sizes]
+    out = new[0] if single else new
+    if new != sizes:
+        print(f"WARNING: --imgsz {imgsz} must be a multiple of max stride {stride}, updating to {out}")
+    return out
 
 
 @torch.inference_mode()
