@@ -49,7 +49,7 @@ from models.backends import DetectMultiBackend  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy  # noqa: E402
 from utils.checkpoints import load_model, resolve_weights, safe_load  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
-from utils.datasets import _collect_images, create_dataloader  # noqa: E402
+from utils.datasets import collect_images, create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path  # noqa: E402
 from utils.metrics import COCOStyleEvaluator  # noqa: E402
@@ -113,7 +113,7 @@ def write_study_data(data: str, out_dir: Path, fraction: float, val_fraction: fl
     info = {"data": str(data), "nc": d["nc"]}
     new = {"path": str(d["path"]), "names": dict(d["names"])}
     for split, frac in (("train", fraction), ("val", val_fraction)):
-        files = _collect_images(d[split], prefix=f"{split}: ")
+        files = collect_images(d[split], prefix=f"{split}: ")
         if frac < 1:
             k = max(1, round(len(files) * frac))
             files = sorted(random.Random(seed).sample(files, k))

@@ -274,7 +274,7 @@ def orphan_labels(im_files: Sequence[str], label_files: Sequence[str]) -> list[s
     return sorted(found)
 
 
-def _collect_images(path: str | Path | Sequence[str | Path], prefix: str = "") -> list[str]:
+def collect_images(path: str | Path | Sequence[str | Path], prefix: str = "") -> list[str]:
     """Image files from folders (recursive), .txt lists and single files; sorted, absolute."""
     files: list[str] = []
     for p in path if isinstance(path, (list, tuple)) else [path]:
@@ -333,7 +333,7 @@ class LoadImagesAndLabels(Dataset):
         if augment and not hyp:
             raise UserError(f"{prefix}augment=True needs hyperparameters (hyp)")
 
-        im_files = _collect_images(path, prefix)
+        im_files = collect_images(path, prefix)
         label_files = img2label_paths(im_files)
         p = Path(path) if isinstance(path, (str, Path)) else None
         if p is not None and p.is_file():
