@@ -219,15 +219,31 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
             hyp=hyp,
         )
 
+    saving, pending_signal, saved_epoch = False, "", -1
+
     def save(epoch: int, fit: float, final: bool = False) -> None:
-        ckpt = checkpoint(epoch)
-        atomic_save(ckpt, last)
-        if best_fitness == fit:
-            atomic_save(ckpt, best)
-        if opt.save_period > 0 and epoch % opt.save_period == 0 and not final:
-            atomic_save(ckpt, w / f"epoch{epoch}.pt")
+        nonlocal saving, saved_epoch
+        saving = True  # signals wait until the files are written (see on_signal)
+        try:
+            ckpt = checkpoint(epoch)
+            atomic_save(ckpt, last)
+            if best_fitness == fit:
+                atomic_save(ckpt, best)
+            if opt.save_period > 0 and epoch % opt.save_period == 0 and not final:
+                atomic_save(ckpt, w / f"epoch{epoch}.pt")
+            saved_epoch = epoch
+        finally:
+            saving = False
+        if pending_signal:
+            raise TrainingInterrupted(pending_signal)
 
     def on_signal(signum, frame):
+        nonlocal pending_signal
+        # raised inside torch.save, the interrupt would be replaced by the zip writer's own error on
+        # unwinding: while a checkpoint is written, it is only noted and raised right after
+        if saving:
+            pending_signal = signal.Signals(signum).name
+            return
         raise TrainingInterrupted(signal.Signals(signum).name)
 
     def skip_step(why: str, epoch: int, i: int) -> None:
@@ -346,7 +362,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
             signal.signal(s, signal.SIG_IGN)
         if main_rank:
             partial = epoch - 1  # the interrupted epoch is redone on resume, from these weights
-            if partial >= 0 or not last.exists():
+            if saved_epoch != epoch and (partial >= 0 or not last.exists()):  # (else last.pt holds the whole epoch)
                 atomic_save(checkpoint(partial), last)
             if logger:
                 logger.close()

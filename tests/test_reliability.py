@@ -178,6 +178,35 @@ def test_kill_at_random_points_and_ctrl_c_then_resume_finishes_the_plan(coco8, t
     assert done.returncode == 0, (events, done.stderr[-3000:])
     assert read_epochs(run) == list(range(epochs)), events
     assert check_last() == epochs - 1
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_for_it_then_stops_cleanly(coco8, tmp_path):
+    """A Ctrl-C that lands inside torch.save must neither tear the file nor turn into a crash: the write
+    finishes, the run stops with 130 and the resume message, and --resume continues after that epoch."""
+    epochs = 4
+    run = tmp_path / "ckpt"
+    last = run / "weights" / "last.pt"
+    first = ["--data", str(coco8), "--cfg", "yolov5n.yaml", "--epochs", str(epochs), "--batch", "2",
+             "--project", str(tmp_path), "--name", "ckpt", *FAST]
+    for attempt in range(3):  # the rename may win the race; then try again from scratch
+        shutil.rmtree(run, ignore_errors=True)
+        p = TrainProcess(first, tmp_path, f"int{attempt}")
+        p.wait_until(lambda: "Starting training" in p.out.read_text(errors="replace"))  # past the epoch -1 save
+        p.wait_until(lambda: any(last.parent.glob(".*.pt.*.tmp")), poll=0.001)
+        mid_write = any(last.parent.glob(".*.pt.*.tmp"))
+        rc = p.signal(signal.SIGINT)
+        text = p.text()
+        assert rc == 130 and "Traceback" not in text, text[-3000:]
+        assert f"Resume with: python train.py --resume {last}" in text
+        if mid_write:
+            break
+    saved = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert saved >= 0  # the end-of-epoch checkpoint that was being written is kept, not rolled back
+    assert not list(last.parent.glob(".*.tmp"))
+    done = subprocess.run([sys.executable, "train.py", "--resume", str(last), "--device", "cpu", "--workers", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_epochs(run) == list(range(epochs))
     assert not list(last.parent.glob("*.tmp")), "a killed write left its temporary file behind"
     torch.load(run / "weights" / "best.pt", map_location="cpu", weights_only=True)
 
