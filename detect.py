@@ -28,6 +28,7 @@ from utils.files import increment_path  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.sources import VID_FORMATS, LoadImages, LoadStreams, is_stream  # noqa: E402
 from utils.torch_utils import check_img_size, select_device, time_sync  # noqa: E402
+from utils.words import plural  # noqa: E402
 
 
 def describe(det: torch.Tensor, names: dict) -> str:
@@ -35,7 +36,7 @@ def describe(det: torch.Tensor, names: dict) -> str:
     parts = []
     for c in det[:, 5].unique():
         n = int((det[:, 5] == c).sum())
-        parts.append(f"{n} {names[int(c)]}{'s' * (n > 1)}")
+        parts.append(f"{n} {plural(str(names[int(c)]), n)}")
     return ", ".join(parts) if parts else "(no detections)"
 
 
@@ -101,6 +102,9 @@ def run(
     stride, names = model.stride, model.names
     imgsz = check_img_size(imgsz, stride)
     imgsz = imgsz * 2 if len(imgsz) == 1 else imgsz
+    if model.pt and verbose:
+        print("Fusing layers... ", end="")
+        model.model.info(img_size=max(imgsz))
     auto = True
     if model.fixed_imgsz is not None:  # a fixed-shape export can only run at the shape it was traced at
         if tuple(imgsz) != tuple(model.fixed_imgsz):
@@ -118,6 +122,7 @@ def run(
 
     seen, dt = 0, [0.0, 0.0, 0.0]
     results = []
+    shapes: list[tuple[int, ...]] = []  # the network input shapes that actually ran, for the speed line
     writers: dict[str, cv2.VideoWriter] = {}
     bar = None
     for path, im, im0s, cap, s in dataset:
@@ -126,6 +131,8 @@ def run(
         x = (x.half() if model.fp16 else x.float()) / 255
         if x.ndim == 3:
             x = x[None]
+        if tuple(x.shape) not in shapes:
+            shapes.append(tuple(x.shape))
         t1 = time_sync()
         pred = model(x, augment=augment)
         t2 = time_sync()
@@ -206,7 +213,9 @@ def run(
 
     if verbose:
         per = tuple(x / max(seen, 1) * 1e3 for x in dt)
-        print(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(1, 3, *imgsz)}" % per)
+        shown = ", ".join(map(str, shapes[:3])) + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else "")
+        print(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape{'s' * (len(shapes) > 1)} "
+              f"{shown or (1, 3, *imgsz)}" % per)
         if save_txt or save_img:
             n = len(list(save_dir.glob("labels/*.txt")))
             extra = f"\n{n} label{'s' * (n != 1)} saved to {save_dir / 'labels'}" if save_txt else ""

@@ -33,22 +33,26 @@ if str(ROOT) not in sys.path:
 import val as validate  # noqa: E402
 from models.yolo import Model, load_cfg  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
+from utils.autobatch import autobatch  # noqa: E402
 from utils.checkpoints import atomic_save, make_checkpoint, read_checkpoint, resolve_weights, safe_load  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path  # noqa: E402
-from utils.logging import RESULT_KEYS, ResultsLogger, colorstr  # noqa: E402
+from utils.logging import RESULT_KEYS, ResultsLogger, WarningsOnly, colorstr  # noqa: E402
 from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
-from utils.optim import EarlyStopping, ModelEMA, linear_lr, one_cycle, smart_optimizer, warmup  # noqa: E402
+from utils.optim import (  # noqa: E402
+    EarlyStopping, ModelEMA, linear_lr, one_cycle, smart_optimizer, warmup, warmup_iterations, warmup_warning,
+)
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
 from utils.sampling import labels_to_class_weights, labels_to_image_weights  # noqa: E402
 from utils.torch_utils import (  # noqa: E402
-    LOCAL_RANK, RANK, WORLD_SIZE, check_img_size, de_parallel, init_seeds, intersect_dicts, select_device, torch_distributed_zero_first,
+    LOCAL_RANK, RANK, WORLD_SIZE, check_img_size, de_parallel, describe_transfer, init_seeds, intersect_dicts, select_device, torch_distributed_zero_first,
 )
 
 HYPS_DIR = ROOT / "data" / "hyps"
+DEFAULT_CFG = "yolov5n-spd.yaml"  # what `python train.py` trains when neither --cfg nor --weights is given
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before a run is stopped
 
 
@@ -74,32 +78,35 @@ def load_hyp(hyp: str | Path | dict) -> dict:
     return d
 
 
-def build_model(opt: argparse.Namespace, hyp: dict, nc: int, names: dict, device: torch.device, resume_ckpt: dict | None):
-    """The model to train: from a config, from weights, or from plain weights transferred into an SPD config."""
+def build_model(opt: argparse.Namespace, hyp: dict, nc: int, device: torch.device, resume_ckpt: dict | None):
+    """The model to train: from a config, from weights (their own architecture unless --cfg names another), or
+    from plain weights transferred exactly into an SPD config."""
+    verbose = RANK in {-1, 0}
     if resume_ckpt is not None:
-        model = Model(resume_ckpt["cfg"], ch=3, nc=nc, verbose=RANK in {-1, 0}).to(device)
+        model = Model(resume_ckpt["cfg"], ch=3, nc=nc, verbose=verbose).to(device)
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in resume_ckpt["model"].items()})
         return model
     weights = str(opt.weights).strip()
     if not weights:
-        return Model(opt.cfg, ch=3, nc=nc, anchors=hyp.get("anchors"), verbose=RANK in {-1, 0}).to(device)
+        return Model(opt.cfg, ch=3, nc=nc, anchors=hyp.get("anchors"), verbose=verbose).to(device)
 
     path = resolve_weights(weights)
     info = read_checkpoint(path)
     cfg = opt.cfg or info["cfg"]
-    model = Model(cfg, ch=3, nc=nc, anchors=hyp.get("anchors"), verbose=RANK in {-1, 0}).to(device)
+    model = Model(cfg, ch=3, nc=nc, anchors=hyp.get("anchors"), verbose=verbose).to(device)
     from models.spd import is_spd_cfg, transfer_checkpoint
 
-    if opt.cfg and is_spd_cfg(load_cfg(opt.cfg)) and not is_spd_cfg(info["cfg"]):
-        state, _ = transfer_checkpoint(path, load_cfg(opt.cfg), nc=nc)
-        csd = intersect_dicts(state, model.state_dict(), exclude=["anchor"] if hyp.get("anchors") else [])
-        model.load_state_dict(csd, strict=False)
-        print(f"Exact SPD transfer: loaded {len(csd)}/{len(model.state_dict())} tensors from {weights} into {opt.cfg}")
-        return model
     exclude = ["anchor"] if (opt.cfg or hyp.get("anchors")) else []
-    csd = intersect_dicts(info["state_dict"], model.state_dict(), exclude=exclude)
+    if opt.cfg and is_spd_cfg(load_cfg(opt.cfg)) and not is_spd_cfg(info["cfg"]):
+        state, _ = transfer_checkpoint(path, load_cfg(opt.cfg), nc=nc, verbose=False)
+        exclude = ["anchor"] if hyp.get("anchors") else []
+    else:
+        state = info["state_dict"]
+    csd = intersect_dicts(state, model.state_dict(), exclude=exclude)
     model.load_state_dict(csd, strict=False)
-    print(f"Transferred {len(csd)}/{len(model.state_dict())} items from {weights}")
+    target = Path(str(opt.cfg)).name if opt.cfg else f"its own architecture ({info['cfg'].get('yaml_file') or 'from the weights'})"
+    print(describe_transfer(csd, model.state_dict(), source=Path(weights).name, target=target,
+                            detect_prefix=f"model.{len(model.model) - 1}.", nc_from=len(info["names"]), nc_to=nc))
     return model
 
 
@@ -123,7 +130,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     names = {0: "item"} if opt.single_cls and len(data_dict["names"]) != 1 else dict(data_dict["names"])
 
     resume_ckpt = safe_load(opt.weights) if opt.resume else None
-    model = build_model(opt, hyp, nc, names, device, resume_ckpt)
+    model = build_model(opt, hyp, nc, device, resume_ckpt)
     amp = device.type == "cuda"
 
     freeze = [f"model.{x}." for x in (opt.freeze if len(opt.freeze) > 1 else range(opt.freeze[0]))]
@@ -135,6 +142,9 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
 
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
+    if batch_size == -1:  # YOLOv5's AutoBatch
+        batch_size = opt.batch_size = autobatch(model, imgsz, amp=amp)
+    val_batch = batch_size // WORLD_SIZE * 2
 
     nbs = 64  # nominal batch size: gradients accumulate up to it and weight decay scales with it
     accumulate = max(round(nbs / batch_size), 1)
@@ -174,7 +184,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     val_loader = None
     if main_rank:
         val_loader = create_dataloader(
-            val_path, imgsz, batch_size // WORLD_SIZE * 2, gs, opt.single_cls, hyp=hyp,
+            val_path, imgsz, val_batch, gs, opt.single_cls, hyp=hyp,
             cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
             prefix=colorstr("val: "), nc=int(data_dict["nc"]),
         )[0]
@@ -197,7 +207,9 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     m.class_weights = labels_to_class_weights(dataset.labels, nc).to(device) * nc
 
     t0 = time.time()
-    nw = max(round(hyp["warmup_epochs"] * nb), 100)
+    nw = warmup_iterations(hyp["warmup_epochs"], nb)
+    if main_rank and (msg := warmup_warning(nw, (epochs - start_epoch) * nb)):
+        print(msg)
     last_opt_step = -1
     maps = np.zeros(nc)
     results = (0.0,) * 10
@@ -216,7 +228,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
         return make_checkpoint(
             de_parallel(model), ema.ema, epoch=epoch, best_fitness=float(best_fitness), updates=ema.updates,
             optimizer=optimizer.state_dict(), opt={k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()},
-            hyp=hyp,
+            hyp=hyp, val={"batch_size": val_batch, "imgsz": imgsz, "single_cls": bool(opt.single_cls)},
         )
 
     saving, pending_signal, saved_epoch = False, "", -1
@@ -283,7 +295,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
             for i, (imgs, targets, paths, _) in pbar:
                 ni = i + nb * epoch
                 imgs = imgs.to(device, non_blocking=True).float() / 255
-                if ni <= nw:
+                if nw and ni <= nw:
                     accumulate = warmup(ni, nw, epoch, lf, optimizer, hyp, nbs, batch_size)
                 if opt.multi_scale:
                     sz = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
@@ -339,7 +351,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
                 final_epoch = (epoch + 1 == epochs) or stopper.possible_stop
                 if not opt.noval or final_epoch:
                     results, maps, _ = validate.run(
-                        data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz, half=amp, model=ema.ema,
+                        data_dict, batch_size=val_batch, imgsz=imgsz, half=amp, model=ema.ema,
                         single_cls=opt.single_cls, dataloader=val_loader, save_dir=save_dir, plots=False,
                         compute_loss=compute_loss,
                     )
@@ -381,23 +393,37 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
         if best.exists() and not opt.noval:
             print(f"\nValidating {best}...")
             # the training val_loader: re-scanning the split would report every bad file a second time
-            results, _, _ = validate.run(data_dict, weights=best, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
+            results, _, _ = validate.run(data_dict, weights=best, batch_size=val_batch, imgsz=imgsz,
                                          single_cls=opt.single_cls, save_dir=save_dir, project=save_dir.parent,
                                          name=save_dir.name, exist_ok=True, plots=not opt.noplots, verbose=True,
                                          half=False, dataloader=val_loader)
-        print(f"Results saved to {colorstr('bold', str(save_dir))}")
+        else:  # (the final validation above prints where the results are)
+            print(f"Results saved to {colorstr('bold', str(save_dir))}")
+        print(next_steps(save_dir, best if best.exists() else last, val_loader.dataset.im_files if val_loader else []))
     torch.cuda.empty_cache()
     return results
+
+
+def next_steps(save_dir: Path, weights: Path, val_images: list) -> str:
+    """Where the run's files are, and the command that draws the trained model's detections."""
+    plots = sorted(p.name for p in save_dir.glob("*.png"))
+    lines = [f"Weights: {weights.parent}/ ({', '.join(sorted(p.name for p in weights.parent.glob('*.pt')))})"]
+    if plots:
+        lines.append(f"Plots: {save_dir}/ ({', '.join(plots[:4])}{', ...' if len(plots) > 4 else ''})")
+    if val_images:
+        lines.append(f"See its detections: python detect.py --weights {weights} --source {val_images[0]}")
+    return "\n".join(lines)
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=str, default="", help="initial weights path ('' trains from scratch)")
-    parser.add_argument("--cfg", type=str, default="yolov5n-spd.yaml", help="model.yaml (path or bare name)")
+    parser.add_argument("--cfg", type=str, default="", help="model.yaml (default: the weights' own architecture; "
+                        f"{DEFAULT_CFG} when training from scratch)")
     parser.add_argument("--data", type=str, default="smallobjects.yaml", help="dataset.yaml path")
     parser.add_argument("--hyp", type=str, default="hyp.scratch-low.yaml", help="hyperparameters path")
     parser.add_argument("--epochs", type=int, default=100, help="total training epochs")
-    parser.add_argument("--batch-size", "--batch", type=int, default=16, help="total batch size for all GPUs")
+    parser.add_argument("--batch-size", "--batch", type=int, default=16, help="total batch size for all GPUs, -1 for AutoBatch")
     parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=320, help="train, val image size (pixels)")
     parser.add_argument("--rect", action="store_true", help="rectangular training")
     parser.add_argument("--resume", nargs="?", const=True, default=False, help="resume most recent training (or this last.pt)")
@@ -426,8 +452,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="global training seed")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the distributed launcher")
     opt = parser.parse_args(argv)
-    if opt.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {opt.batch_size}")
+    if opt.batch_size < 1 and opt.batch_size != -1:
+        raise UserError(f"--batch-size must be at least 1 (or -1 for AutoBatch), got {opt.batch_size}")
     if opt.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {opt.epochs}")
     return opt
@@ -525,12 +551,16 @@ def main(argv: list[str] | None = None):
         raise UserError("--resume cannot be combined with --evolve")
     if not opt.resume:
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
-        if not opt.cfg and not opt.weights:
-            raise UserError("either --cfg or --weights must be given")
-    device = select_device(opt.device, batch_size=opt.batch_size)
+        if not opt.cfg and not str(opt.weights).strip():
+            opt.cfg = DEFAULT_CFG  # `python train.py`: the SPD model on the built-in small-object set
+    device = select_device(opt.device, batch_size=max(opt.batch_size, 0))
+    if RANK > 0:  # in DDP only rank 0 reports; the others keep their warnings and errors
+        sys.stdout = WarningsOnly(sys.stderr)
     if LOCAL_RANK != -1:
         if opt.image_weights:
             raise UserError("--image-weights is not supported with DDP training")
+        if opt.batch_size == -1:
+            raise UserError("--batch-size -1 (AutoBatch) works for single-device training only: give DDP a batch size")
         if opt.batch_size % WORLD_SIZE:
             raise UserError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {WORLD_SIZE}")
         if device.type == "cuda":

@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
 
 from models.backends import DetectMultiBackend  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh, yolo_label_lines  # noqa: E402
+from utils.checkpoints import checkpoint_val_settings  # noqa: E402
 from utils.coco import append_predictions, coco80_to_coco91_class, run_pycocotools, yolo_labels_to_coco_gt  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
@@ -97,13 +98,20 @@ def run(
         stride, names = model.stride, dict(model.names)
         pt = model.fixed_imgsz is None  # rectangular batches for any format that accepts any shape
         imgsz = check_img_size(imgsz, stride)
-        if model.batch:  # a fixed-batch export is fed exactly that many images at a time
+        if model.pt:
+            print("Fusing layers... ", end="")
+            model.model.info(img_size=imgsz)
+        forced = []
+        if model.batch and model.batch != batch_size:  # a fixed-batch export is fed exactly that many images at a time
+            forced.append(f"batch {model.batch} (not --batch-size {batch_size})")
             batch_size = model.batch
         if model.fixed_imgsz is not None:
             if imgsz != model.fixed_imgsz[0]:
-                print(f"Note: fixed-shape export, evaluating at its export size {model.fixed_imgsz[0]}")
+                forced.append(f"size {model.fixed_imgsz[0]} (not --imgsz {imgsz})")
             imgsz = model.fixed_imgsz[0]
             pt = False  # no rectangular batches for a fixed input shape
+        if forced:
+            print(f"Note: {Path(str(weights)).name} is a fixed-shape export: evaluating at its export " + " and ".join(forced))
         (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
     if isinstance(data, (str, Path)):
         data = check_dataset(data)
@@ -223,9 +231,11 @@ def run(
     if nt.sum() == 0:
         print(f"WARNING: no labels found in {task} set, cannot compute metrics without labels")
     if (verbose or (nc < 50 and not training)) and nc > 1 and len(stats):
-        for i, c in enumerate(ap_class):
-            print(ROW % (names[c], seen, nt[c], p[i], r[i], ap50[i], ap[i]))
-    fmt = lambda v: f"{v:.3f}" if v >= 0 else "  n/a"  # noqa: E731
+        row_of = {int(c): i for i, c in enumerate(ap_class)}
+        for c in np.flatnonzero(nt):  # every class with labels, also those without a single true positive
+            i = row_of.get(int(c))
+            print(ROW % (names[c], seen, nt[c], *((p[i], r[i], ap50[i], ap[i]) if i is not None else (0, 0, 0, 0))))
+    fmt = lambda v: f"{v:.3g}" if v >= 0 else "n/a"  # noqa: E731
     print(f"{'Small objects (COCO areas)':>22}   APs {fmt(area['APs'])}   APm {fmt(area['APm'])}   APl {fmt(area['APl'])}"
           f"   (AP {fmt(area['AP'])}, AP50 {fmt(area['AP50'])}, COCO-style 101-point, maxDets 100)")
 
@@ -271,8 +281,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=str, default="coco128.yaml", help="dataset.yaml path")
     parser.add_argument("--weights", nargs="+", type=str, default="yolov5s.pt", help="model path(s)")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch size (default: a checkpoint's own final validation batch, else 32)")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=None,
+                        help="inference size in pixels (default: a checkpoint's training size, else 640)")
     parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")
     parser.add_argument("--iou-thres", type=float, default=0.6, help="NMS IoU threshold")
     parser.add_argument("--max-det", type=int, default=300, help="maximum detections per image")
@@ -292,7 +304,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
     opt = parser.parse_args(argv)
     opt.save_txt |= opt.save_hybrid
-    if opt.batch_size < 1:
+    if opt.batch_size is not None and opt.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {opt.batch_size}")
     if isinstance(opt.weights, list) and len(opt.weights) == 1:
         opt.weights = opt.weights[0]
@@ -327,9 +339,37 @@ def study(opt: argparse.Namespace) -> None:
     print(f"Study saved to {out}")
 
 
+def apply_training_settings(opt: argparse.Namespace) -> argparse.Namespace:
+    """Fill --batch-size/--imgsz the user left out from the checkpoint's final validation in training.
+
+    Rectangular val batches depend on the batch size, so this is what makes a plain `val.py --weights best.pt`
+    reproduce the numbers printed at the end of training.
+    """
+    settings = {}
+    if (opt.batch_size is None or opt.imgsz is None) and Path(str(opt.weights)).suffix == ".pt" and Path(str(opt.weights)).is_file():
+        try:
+            settings = checkpoint_val_settings(opt.weights)
+        except UserError:
+            settings = {}  # the model loader below reports a bad file in its own words
+    used = []
+    if opt.batch_size is None:
+        opt.batch_size = int(settings.get("batch_size") or 32)
+        used += [f"batch size {opt.batch_size}"] if settings.get("batch_size") else []
+    if opt.imgsz is None:
+        opt.imgsz = int(settings.get("imgsz") or 640)
+        used += [f"--img {opt.imgsz}"] if settings.get("imgsz") else []
+    if settings.get("single_cls") and not opt.single_cls:
+        opt.single_cls = True
+        used.append("--single-cls")
+    if used:
+        print(f"Using {', '.join(used)} from the training's final validation in {Path(str(opt.weights)).name} "
+              f"(pass --batch-size/--img to change)")
+    return opt
+
+
 @report_user_errors
 def main(argv: list[str] | None = None):
-    opt = parse_opt(argv)
+    opt = apply_training_settings(parse_opt(argv))
     if opt.task in ("train", "val", "test"):
         return run(**vars(opt))
     if opt.task == "speed":

@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 
 from utils.errors import UserError
 from utils.sources import IMG_FORMATS, read_image
+from utils.torch_utils import ignore_interrupts
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -179,6 +180,7 @@ def collate_skip_bad(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tenso
 
 def _seed_worker(worker_id: int) -> None:
     # each worker's torch seed comes from the loader's generator; derive numpy/random from it too
+    ignore_interrupts()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

@@ -384,7 +384,7 @@ def transfer_state_dict(
 
 
 def transfer_checkpoint(
-    weights: str | Path, spd_cfg: str | Path | dict, nc: int | None = None
+    weights: str | Path, spd_cfg: str | Path | dict, nc: int | None = None, verbose: bool = True
 ) -> tuple[dict, dict[int, str]]:
     """Load any plain YOLOv5 checkpoint and return (SPD state dict, class names) for `spd_cfg`.
 
@@ -408,11 +408,10 @@ def transfer_checkpoint(
     detect = f"model.{len(_layers(plain)) - 1}.m."
     done = total - sum(k.startswith(detect) for k in info["state_dict"]) if new_nc else total
     name = _name(spd, "the SPD config")
-    if new_nc:
-        print(f"Transferred {done}/{total} plain tensors exactly into {name} "
-              f"(function-preserving except the Detect outputs, re-initialised for nc={spd['nc']} instead of {plain['nc']})")
-    else:
-        print(f"Transferred {done}/{total} plain tensors exactly into {name} (function-preserving)")
+    why = (f"function-preserving except the Detect outputs, re-initialised for nc={spd['nc']} instead of {plain['nc']}"
+           if new_nc else "function-preserving")
+    if verbose:  # (train.py reports the transfer itself, in the same words for every path)
+        print(f"Transferred {done}/{total} plain tensors exactly into {name} ({why})")
     return state, info["names"]
 
 

@@ -94,6 +94,13 @@ def read_checkpoint(path: str | Path) -> dict:
             "state_dict": {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}, "ckpt": ckpt, "official": True}
 
 
+def checkpoint_val_settings(path: str | Path) -> dict:
+    """The settings of a training run's own validation ({'batch_size', 'imgsz', 'single_cls'}), {} if none."""
+    ckpt = safe_load(path)
+    val = ckpt.get("val") if ckpt.get("format") == FORMAT else None
+    return dict(val) if isinstance(val, dict) else {}
+
+
 def resolve_weights(weights: str | Path) -> Path:
     """A weights path that exists; official names are fetched from the YOLOv5 release when missing."""
     p = Path(str(weights).strip())

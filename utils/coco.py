@@ -127,6 +127,18 @@ def _read_json(path: str | Path, what: str):
         raise UserError(f"{what} json {path} is not valid json: {e}") from e
 
 
+COCO_STAT_LABELS = tuple(
+    f"Average {kind:<9} ({'AR' if kind == 'Recall' else 'AP'}) @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ]"
+    for kind, iou, area, dets in [
+        ("Precision", "0.50:0.95", "all", 100), ("Precision", "0.50", "all", 100), ("Precision", "0.75", "all", 100),
+        ("Precision", "0.50:0.95", "small", 100), ("Precision", "0.50:0.95", "medium", 100),
+        ("Precision", "0.50:0.95", "large", 100), ("Recall", "0.50:0.95", "all", 1), ("Recall", "0.50:0.95", "all", 10),
+        ("Recall", "0.50:0.95", "all", 100), ("Recall", "0.50:0.95", "small", 100),
+        ("Recall", "0.50:0.95", "medium", 100), ("Recall", "0.50:0.95", "large", 100),
+    ]
+)
+
+
 def run_pycocotools(gt_json_path: str | Path, pred_json_path: str | Path, verbose: bool = True) -> list[float]:
     """Official COCO bbox evaluation; prints the standard 12-line summary and returns the 12 stats
     (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl; -1 where undefined)."""
@@ -171,9 +183,9 @@ def run_pycocotools(gt_json_path: str | Path, pred_json_path: str | Path, verbos
         ev.accumulate()
     if not preds and verbose:
         print(f"WARNING: no predictions in {pred_json_path}; every AP is 0 (or -1 without ground truth)")
-    if verbose:
+    with contextlib.redirect_stdout(io.StringIO()):  # its own print rounds to 3 decimals: 7.8e-05 would read 0.000
         ev.summarize()
-    else:
-        with contextlib.redirect_stdout(io.StringIO()):
-            ev.summarize()
+    if verbose:
+        for label, value in zip(COCO_STAT_LABELS, ev.stats):
+            print(f" {label} = {value:.4g}" if value >= 0 else f" {label} = n/a")
     return [float(s) for s in ev.stats]

@@ -34,7 +34,7 @@ from utils.augmentations import (
 from utils.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
 from utils.errors import UserError
 from utils.sources import IMG_FORMATS, TRUNCATED_JPEG, jpeg_end_marker_missing, jpeg_is_truncated
-from utils.torch_utils import torch_distributed_zero_first
+from utils.torch_utils import ignore_interrupts, torch_distributed_zero_first
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK = int(os.getenv("RANK", -1))
@@ -705,6 +705,7 @@ class LoadImagesAndLabels(Dataset):
 
 def seed_worker(worker_id: int) -> None:
     """Seed numpy and random in each loader worker from torch's per-worker seed (set by the generator)."""
+    ignore_interrupts()
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
+import sys
 from pathlib import Path
 
 RESULT_KEYS = (
@@ -70,3 +72,27 @@ class ResultsLogger:
     def close(self) -> None:
         if self.tb:
             self.tb.close()
+
+
+class WarningsOnly(io.TextIOBase):
+    """A stdout for the non-zero DDP ranks: only WARNING and ERROR lines get through (to `target`).
+
+    Every rank runs the same code; without this, a 2-process run prints each message twice.
+    """
+
+    def __init__(self, target=None):
+        self.target = target or sys.stderr
+        self._line = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *done, self._line = (self._line + text).split("\n")
+        for line in done:
+            if "WARNING" in line or "ERROR" in line:
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()

@@ -100,6 +100,26 @@ def warmup(
     return accumulate
 
 
+MIN_WARMUP_ITERS = 100  # YOLOv5's floor, so that a tiny dataset still warms up gradually
+
+
+def warmup_iterations(warmup_epochs: float, batches_per_epoch: int) -> int:
+    """Warm-up length in optimiser iterations: YOLOv5's max(epochs x batches, 100); 0 epochs disables it."""
+    if warmup_epochs <= 0:
+        return 0
+    return max(round(warmup_epochs * batches_per_epoch), MIN_WARMUP_ITERS)
+
+
+def warmup_warning(warmup_iters: int, planned_iters: int) -> str | None:
+    """One line when warm-up takes a third or more of the run, where the LR spends most of it far below lr0."""
+    if not warmup_iters or planned_iters >= 3 * warmup_iters:
+        return None
+    share = min(warmup_iters / max(planned_iters, 1), 1.0)
+    return (f"WARNING: warm-up is {warmup_iters} iterations, {share:.0%} of the {planned_iters} planned: the learning "
+            f"rate stays below lr0 for {'all' if share >= 1 else 'much'} of this run. Train for more epochs, or set "
+            f"warmup_epochs lower in --hyp (0 disables warm-up)")
+
+
 def copy_attr(a: object, b: object, include: tuple = (), exclude: tuple = ()) -> None:
     """Copy b's public attributes onto a (only `include` if given, never `exclude`)."""
     for k, v in b.__dict__.items():

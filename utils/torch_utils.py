@@ -5,6 +5,7 @@ import contextlib
 import math
 import os
 import random
+import signal
 import time
 from copy import deepcopy
 
@@ -61,6 +62,16 @@ def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
         os.environ["PYTHONHASHSEED"] = str(seed)
+
+
+def ignore_interrupts() -> None:
+    """For DataLoader workers: the main process owns Ctrl-C/SIGTERM and shuts its workers down itself.
+
+    A terminal sends SIGINT to the whole process group; a worker that raised on it would die mid-batch
+    and turn the main process's clean stop into 'DataLoader worker exited unexpectedly' tracebacks.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def time_sync() -> float:
@@ -147,6 +158,25 @@ def model_info(model: nn.Module, verbose: bool = False, img_size: int = 640) -> 
 def intersect_dicts(da: dict, db: dict, exclude: tuple = ()) -> dict:
     """Entries of da whose key is in db with the same shape (and not excluded): a partial transfer."""
     return {k: v for k, v in da.items() if k in db and all(x not in k for x in exclude) and v.shape == db[k].shape}
+
+
+def describe_transfer(loaded: dict, model_state: dict, source: str, target: str, detect_prefix: str,
+                      nc_from: int, nc_to: int) -> str:
+    """One line for every weight transfer: how many tensors came over exactly, how many start fresh and why."""
+    fresh = [k for k in model_state if k not in loaded]
+    groups: dict[str, int] = {}
+    for k in fresh:
+        if k.startswith(detect_prefix) and k.endswith("anchors"):
+            why = "anchors (from this run's config/AutoAnchor)"
+        elif k.startswith(detect_prefix):
+            why = f"Detect outputs (nc={nc_to}, the weights have nc={nc_from})" if nc_to != nc_from else "Detect outputs (shape differs)"
+        else:
+            why = "layers with no same-shape tensor in the weights"
+        groups[why] = groups.get(why, 0) + 1
+    line = f"Transferred {len(loaded)}/{len(model_state)} tensors exactly from {source} into {target}"
+    if groups:
+        line += "; re-initialised " + ", ".join(f"{n} {why}" for why, n in groups.items())
+    return line
 
 
 def scale_img(img: torch.Tensor, ratio: float = 1.0, same_shape: bool = False, gs: int = 32) -> torch.Tensor:
