@@ -53,6 +53,11 @@ from utils.torch_utils import (  # noqa: E402
 
 HYPS_DIR = ROOT / "data" / "hyps"
 DEFAULT_CFG = "yolov5n-spd.yaml"  # what `python train.py` trains when neither --cfg nor --weights is given
+DEFAULT_DATA = "smallobjects.yaml"
+STANDARD_DEFAULTS = {"epochs": 100, "imgsz": 320, "hyp": "hyp.scratch-low.yaml", "optimizer": "SGD"}
+# `python train.py` alone: a from-scratch run that shows a working detector on a 2-core CPU within minutes
+# (README, quick start); each option given on the command line still wins
+DEMO_DEFAULTS = {"epochs": 20, "imgsz": 128, "hyp": "hyp.smallobjects.yaml", "optimizer": "AdamW"}
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before a run is stopped
 
 
@@ -110,6 +115,10 @@ def build_model(opt: argparse.Namespace, hyp: dict, nc: int, device: torch.devic
     return model
 
 
+def save_opt(save_dir: Path, opt: argparse.Namespace) -> None:
+    (save_dir / "opt.yaml").write_text(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()}, sort_keys=False))
+
+
 def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     save_dir, epochs, batch_size = Path(opt.save_dir), opt.epochs, opt.batch_size
     w = save_dir / "weights"
@@ -118,7 +127,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     if main_rank:
         w.mkdir(parents=True, exist_ok=True)
         (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
-        (save_dir / "opt.yaml").write_text(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()}, sort_keys=False))
+        save_opt(save_dir, opt)
     print(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
 
     init_seeds(opt.seed + 1 + RANK, deterministic=True)
@@ -144,6 +153,8 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
     if batch_size == -1:  # YOLOv5's AutoBatch
         batch_size = opt.batch_size = autobatch(model, imgsz, amp=amp)
+        if main_rank:
+            save_opt(save_dir, opt)  # --resume continues with the batch size chosen here
     val_batch = batch_size // WORLD_SIZE * 2
 
     nbs = 64  # nominal batch size: gradients accumulate up to it and weight decay scales with it
@@ -399,20 +410,34 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
                                          half=False, dataloader=val_loader)
         else:  # (the final validation above prints where the results are)
             print(f"Results saved to {colorstr('bold', str(save_dir))}")
-        print(next_steps(save_dir, best if best.exists() else last, val_loader.dataset.im_files if val_loader else []))
+        print(next_steps(save_dir, best if best.exists() else last, val_loader.dataset.im_files if val_loader else [], imgsz))
     torch.cuda.empty_cache()
     return results
 
 
-def next_steps(save_dir: Path, weights: Path, val_images: list) -> str:
+def next_steps(save_dir: Path, weights: Path, val_images: list, imgsz: int) -> str:
     """Where the run's files are, and the command that draws the trained model's detections."""
     plots = sorted(p.name for p in save_dir.glob("*.png"))
     lines = [f"Weights: {weights.parent}/ ({', '.join(sorted(p.name for p in weights.parent.glob('*.pt')))})"]
     if plots:
         lines.append(f"Plots: {save_dir}/ ({', '.join(plots[:4])}{', ...' if len(plots) > 4 else ''})")
     if val_images:
-        lines.append(f"See its detections: python detect.py --weights {weights} --source {val_images[0]}")
+        lines.append(f"See its detections: python detect.py --weights {weights} --img {imgsz} --source {val_images[0]}")
     return "\n".join(lines)
+
+
+def is_demo_run(opt: argparse.Namespace) -> bool:
+    """`python train.py` without --data, --cfg or --weights: the built-in demo."""
+    return opt.data == DEFAULT_DATA and not opt.cfg and not str(opt.weights).strip()
+
+
+def apply_defaults(opt: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options left out: YOLOv5's defaults, or the demo's where the demo run is asked for."""
+    defaults = DEMO_DEFAULTS if is_demo_run(opt) else STANDARD_DEFAULTS
+    for k, v in defaults.items():
+        if getattr(opt, k) is None:
+            setattr(opt, k, v)
+    return opt
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -420,11 +445,11 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", type=str, default="", help="initial weights path ('' trains from scratch)")
     parser.add_argument("--cfg", type=str, default="", help="model.yaml (default: the weights' own architecture; "
                         f"{DEFAULT_CFG} when training from scratch)")
-    parser.add_argument("--data", type=str, default="smallobjects.yaml", help="dataset.yaml path")
-    parser.add_argument("--hyp", type=str, default="hyp.scratch-low.yaml", help="hyperparameters path")
-    parser.add_argument("--epochs", type=int, default=100, help="total training epochs")
+    parser.add_argument("--data", type=str, default=DEFAULT_DATA, help="dataset.yaml path")
+    parser.add_argument("--hyp", type=str, default=None, help="hyperparameters path (default hyp.scratch-low.yaml)")
+    parser.add_argument("--epochs", type=int, default=None, help="total training epochs (default 100)")
     parser.add_argument("--batch-size", "--batch", type=int, default=16, help="total batch size for all GPUs, -1 for AutoBatch")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=320, help="train, val image size (pixels)")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=None, help="train, val image size (pixels, default 320)")
     parser.add_argument("--rect", action="store_true", help="rectangular training")
     parser.add_argument("--resume", nargs="?", const=True, default=False, help="resume most recent training (or this last.pt)")
     parser.add_argument("--nosave", action="store_true", help="only save final checkpoint")
@@ -437,7 +462,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     parser.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
     parser.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
-    parser.add_argument("--optimizer", type=str, choices=["SGD", "Adam", "AdamW"], default="SGD", help="optimizer")
+    parser.add_argument("--optimizer", type=str, choices=["SGD", "Adam", "AdamW"], default=None, help="optimizer (default SGD)")
     parser.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode")
     parser.add_argument("--workers", type=int, default=8, help="max dataloader workers (per RANK in DDP mode)")
     parser.add_argument("--project", default=ROOT / "runs/train", help="save to project/name")
@@ -451,7 +476,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-period", type=int, default=-1, help="save checkpoint every x epochs (disabled if < 1)")
     parser.add_argument("--seed", type=int, default=0, help="global training seed")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the distributed launcher")
-    opt = parser.parse_args(argv)
+    opt = apply_defaults(parser.parse_args(argv))
     if opt.batch_size < 1 and opt.batch_size != -1:
         raise UserError(f"--batch-size must be at least 1 (or -1 for AutoBatch), got {opt.batch_size}")
     if opt.epochs < 1:
@@ -552,6 +577,10 @@ def main(argv: list[str] | None = None):
     if not opt.resume:
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
         if not opt.cfg and not str(opt.weights).strip():
+            if is_demo_run(opt):
+                print(f"Demo run: {DEFAULT_CFG} from scratch on the generated small-object set ({DEFAULT_DATA}), "
+                      f"--img {opt.imgsz}, {opt.epochs} epochs, {opt.hyp}, {opt.optimizer}. "
+                      f"Train on your own data with --data X.yaml [--weights yolov5n.pt] [--cfg ...]")
             opt.cfg = DEFAULT_CFG  # `python train.py`: the SPD model on the built-in small-object set
     device = select_device(opt.device, batch_size=max(opt.batch_size, 0))
     if RANK > 0:  # in DDP only rank 0 reports; the others keep their warnings and errors

@@ -37,6 +37,11 @@ ROW = "%22s" + "%11i" * 2 + "%11.3g" * 4
 TASKS = ("train", "val", "test", "speed", "study")
 
 
+def format_metric(v: float) -> str:
+    """Three significant digits, as YOLOv5's table prints them (7.78e-05, not 0.000); n/a where undefined (-1)."""
+    return f"{v:.3g}" if v >= 0 else "n/a"
+
+
 def is_coco_dataset(data: dict) -> bool:
     val = data.get("val")
     val = val[0] if isinstance(val, list) and val else val
@@ -235,7 +240,7 @@ def run(
         for c in np.flatnonzero(nt):  # every class with labels, also those without a single true positive
             i = row_of.get(int(c))
             print(ROW % (names[c], seen, nt[c], *((p[i], r[i], ap50[i], ap[i]) if i is not None else (0, 0, 0, 0))))
-    fmt = lambda v: f"{v:.3g}" if v >= 0 else "n/a"  # noqa: E731
+    fmt = format_metric
     print(f"{'Small objects (COCO areas)':>22}   APs {fmt(area['APs'])}   APm {fmt(area['APm'])}   APl {fmt(area['APl'])}"
           f"   (AP {fmt(area['AP'])}, AP50 {fmt(area['AP50'])}, COCO-style 101-point, maxDets 100)")
 

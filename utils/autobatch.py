@@ -14,7 +14,7 @@ def fit_batch(sizes: list[int], mem_bytes: list[float], budget_bytes: float, lo:
     slope, intercept = np.polyfit(np.asarray(sizes, float), np.asarray(mem_bytes, float), 1)
     if slope <= 0:  # memory did not grow with the batch: the probe says nothing useful
         return max(lo, min(hi, max(sizes)))
-    return int(max(lo, min(hi, (budget_bytes - intercept) // slope)))
+    return int(max(lo, min(hi, np.floor((budget_bytes - intercept) / slope + 1e-6))))  # (+eps: fit round-off)
 
 
 def _probe(model: nn.Module, imgsz: int, batch: int, device: torch.device, amp: bool) -> float:

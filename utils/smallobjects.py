@@ -19,7 +19,7 @@ CLASSES = ("circle", "square", "triangle", "cross")
 MIN_SIZE, MAX_SIZE = 4, 40  # object extent in pixels (before the 1-px rasterisation margin)
 
 
-def _background(rng: np.random.Generator, s: int) -> np.ndarray:
+def _background(rng: np.random.Generator, s: int, clutter: float = 1.0) -> np.ndarray:
     """Textured background with lines, blurred blobs and hollow outlines that are not objects."""
     base = rng.integers(40, 216, size=3)
     im = np.empty((s, s, 3), np.float32)
@@ -34,11 +34,11 @@ def _background(rng: np.random.Generator, s: int) -> np.ndarray:
         cv2.ellipse(blobs, c, axes, float(rng.uniform(0, 180)), 0, 360, rng.uniform(-50, 50, 3).tolist(), -1)
     im += cv2.GaussianBlur(blobs, (0, 0), sigmaX=s / 30)
     im = np.clip(im, 0, 255).astype(np.uint8)
-    for _ in range(rng.integers(4, 16)):  # thin lines crossing the scene
+    for _ in range(int(rng.integers(4, 16) * clutter)):  # thin lines crossing the scene
         p1 = tuple(int(v) for v in rng.integers(0, s, 2))
         p2 = tuple(int(v) for v in rng.integers(0, s, 2))
         cv2.line(im, p1, p2, tuple(int(v) for v in rng.integers(0, 256, 3)), int(rng.integers(1, 3)), cv2.LINE_AA)
-    for _ in range(rng.integers(2, 8)):  # hollow outlines: shape-like distractors that are not labelled
+    for _ in range(int(rng.integers(2, 8) * clutter)):  # hollow outlines: shape-like distractors that are not labelled
         c = tuple(int(v) for v in rng.integers(0, s, 2))
         r = int(rng.integers(5, 30))
         cv2.circle(im, c, r, tuple(int(v) for v in rng.integers(0, 256, 3)), 1, cv2.LINE_AA)
@@ -65,15 +65,19 @@ def _draw_shape(mask: np.ndarray, cls: int, cx: int, cy: int, size: int, rng: np
         cv2.rectangle(mask, (cx - t, y1), (cx + t, y2), 255, -1)
 
 
-def make_image(rng: np.random.Generator, img_size: int = 320) -> tuple[np.ndarray, np.ndarray]:
-    """One image and its labels (n, 5): class, cx, cy, w, h normalised, boxes tight on the pixels."""
+def make_image(rng: np.random.Generator, img_size: int = 320, sizes: tuple[int, int] = (MIN_SIZE, MAX_SIZE),
+               clutter: float = 1.0, one_class: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One image and its labels (n, 5): class, cx, cy, w, h normalised, boxes tight on the pixels.
+
+    `sizes` bounds the object extent in pixels (log-uniform, so most are small); `clutter` scales the
+    number of lines and hollow outlines in the background; `one_class` labels every shape class 0 ("shape")."""
     s = img_size
-    im = _background(rng, s)
+    im = _background(rng, s, clutter)
     boxes: list[tuple[int, int, int, int]] = []
     labels = []
     for _ in range(int(rng.integers(3, 16))):
         for _attempt in range(20):  # rejection sampling so objects do not touch
-            size = int(round(np.exp(rng.uniform(np.log(MIN_SIZE), np.log(MAX_SIZE)))))  # mostly small
+            size = int(round(np.exp(rng.uniform(np.log(sizes[0]), np.log(sizes[1])))))  # mostly small
             cls = int(rng.integers(0, len(CLASSES)))
             m = int(size * 0.75) + 2  # covers the rotated square's diagonal
             cx, cy = (int(v) for v in rng.integers(m, s - m, 2))
@@ -96,13 +100,14 @@ def make_image(rng: np.random.Generator, img_size: int = 320) -> tuple[np.ndarra
         im[ys, xs] = np.clip(color, 0, 255).astype(np.uint8)
         bx1, by1, bx2, by2 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1  # pixel edges
         boxes.append((x1, y1, x2, y2))
-        labels.append([cls, (bx1 + bx2) / 2 / s, (by1 + by2) / 2 / s, (bx2 - bx1) / s, (by2 - by1) / s])
+        labels.append([0 if one_class else cls, (bx1 + bx2) / 2 / s, (by1 + by2) / 2 / s, (bx2 - bx1) / s, (by2 - by1) / s])
     # sensor-like noise over everything, objects included, so they are not perfectly flat
     im = np.clip(im + rng.normal(0, rng.uniform(4, 16), im.shape).astype(np.float32), 0, 255).astype(np.uint8)
     return im, np.array(labels, np.float64).reshape(-1, 5)
 
 
-def generate(root: Path, n_train: int = 256, n_val: int = 64, img_size: int = 320, seed: int = 0) -> Path:
+def generate(root: Path, n_train: int = 256, n_val: int = 64, img_size: int = 320, seed: int = 0,
+             sizes: tuple[int, int] = (MIN_SIZE, MAX_SIZE), clutter: float = 1.0, one_class: bool = False) -> Path:
     """Write images/{train,val}/*.jpg and labels/{train,val}/*.txt under `root`; returns `root`.
 
     Built in a sibling '.partial' folder and moved into place at the end, so an interrupted run
@@ -116,7 +121,7 @@ def generate(root: Path, n_train: int = 256, n_val: int = 64, img_size: int = 32
         (tmp / "labels" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             rng = np.random.default_rng([seed, split_id, i])  # per-image stream: order-independent
-            im, labels = make_image(rng, img_size)
+            im, labels = make_image(rng, img_size, sizes, clutter, one_class)
             stem = f"{split}_{i:05d}"
             cv2.imwrite(str(tmp / "images" / split / f"{stem}.jpg"), im, [cv2.IMWRITE_JPEG_QUALITY, 95])
             lines = [f"{int(c)} {x:.6f} {y:.6f} {w:.6f} {h:.6f}" for c, x, y, w, h in labels]
