@@ -291,3 +291,19 @@ def test_ddp_prints_each_line_once(coco8, tmp_path):
     assert r.stdout.count("Starting training") == 1, r.stdout[-3000:]
     assert r.stdout.count("hyperparameters: ") == 1
     assert r.stdout.count("Results saved to") == 1
+
+
+# ----- fixed-shape exports say what they force -----------------------------------------------------
+def test_val_on_a_fixed_shape_export_says_it_forces_size_and_batch(tmp_path, coco8, yolov5n_weights, capsys):
+    import shutil
+
+    import export
+
+    w = Path(shutil.copy(yolov5n_weights, tmp_path / "n.pt"))
+    f = export.run(weights=w, imgsz=[64], batch_size=1, include=["onnx"])["onnx"]
+    capsys.readouterr()
+    val.main(["--weights", str(f), "--data", str(coco8), "--img", "128", "--batch-size", "4", "--device", "cpu",
+              "--project", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "fixed-shape export: evaluating at its export batch 1 (not --batch-size 4) and size 64 (not --imgsz 128)" in out
+    assert "at shape (1, 3, 64, 64)" in out
