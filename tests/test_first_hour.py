@@ -307,3 +307,24 @@ def test_val_on_a_fixed_shape_export_says_it_forces_size_and_batch(tmp_path, coc
     out = capsys.readouterr().out
     assert "fixed-shape export: evaluating at its export batch 1 (not --batch-size 4) and size 64 (not --imgsz 128)" in out
     assert "at shape (1, 3, 64, 64)" in out
+
+
+def test_pycocotools_summary_prints_significant_digits(tmp_path, capsys):
+    import json
+
+    from utils.coco import predictions_to_coco_json, run_pycocotools, yolo_labels_to_coco_gt
+
+    # one object found only below 99 higher-scored false positives: AP about 0.0099, which pycocotools'
+    # own summary would print as 0.010
+    labels = [np.array([[0, 10, 10, 20, 20]])]
+    gt = (tmp_path / "gt.json")
+    gt.write_text(json.dumps(yolo_labels_to_coco_gt(["1.jpg"], labels, [(400, 400)], ["a"])))
+    fps = [[200 + i, 200, 210 + i, 210, 0.9, 0] for i in range(99)]
+    preds = predictions_to_coco_json([("1.jpg", np.array([*fps, [10, 10, 20, 20, 0.1, 0]], dtype=float))])
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps(preds))
+    stats = run_pycocotools(gt, pred)
+    out = capsys.readouterr().out
+    assert 0 < stats[0] < 0.02
+    assert f"area=   all | maxDets=100 ] = {stats[0]:.4g}" in out and f"{stats[0]:.4g}" != f"{stats[0]:.3f}"
+    assert out.count(" = n/a") == 4  # medium and large: no ground truth, undefined (-1) rather than a number
