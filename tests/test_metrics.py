@@ -132,7 +132,7 @@ def test_fitness_weights():
 
 # --- ConfusionMatrix --------------------------------------------------------------------------------------
 
-def test_confusion_matrix_counts(tmp_path):
+def test_confusion_matrix_counts(tmp_path, saved_figures):
     cm = ConfusionMatrix(nc=2, conf=0.25, iou_thres=0.45)
     labels = torch.tensor([[0, 0, 0, 10, 10], [1, 20, 20, 30, 30], [1, 50, 50, 60, 60]], dtype=torch.float32)
     dets = torch.tensor(
@@ -156,7 +156,12 @@ def test_confusion_matrix_counts(tmp_path):
     assert cm.matrix[0, 2] == 1
 
     out = cm.plot(save_dir=tmp_path, names={0: "a", 1: "b"})
-    assert out.name == "confusion_matrix.png" and out.stat().st_size > 1000
+    assert out.name == "confusion_matrix.png" and cv2.imread(str(out)) is not None
+    # the heatmap shows each column (true class) normalised to 1, near-zero cells left blank
+    ax = saved_figures["confusion_matrix.png"].axes[0]
+    norm = cm.matrix / cm.matrix.sum(0, keepdims=True)
+    assert [t.get_text() for t in ax.texts] == [f"{v:.2f}" for v in norm.flatten() if v >= 0.005]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "background"]
 
 
 # --- COCOStyleEvaluator on hand cases (the pycocotools cross-check lives in test_coco.py) -----------------
