@@ -48,7 +48,8 @@ from utils.optim import (  # noqa: E402
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
 from utils.sampling import labels_to_class_weights, labels_to_image_weights  # noqa: E402
 from utils.torch_utils import (  # noqa: E402
-    LOCAL_RANK, RANK, WORLD_SIZE, check_img_size, de_parallel, describe_transfer, init_seeds, intersect_dicts, select_device, torch_distributed_zero_first,
+    LOCAL_RANK, RANK, WORLD_SIZE, check_img_size, ddp_rank_summary, de_parallel, describe_transfer, init_seeds,
+    intersect_dicts, select_device, torch_distributed_zero_first,
 )
 
 HYPS_DIR = ROOT / "data" / "hyps"
@@ -230,6 +231,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     compute_loss = ComputeLoss(model)
     logger = ResultsLogger(save_dir, start_epoch=start_epoch, tensorboard=main_rank) if main_rank else None
     bad_steps = 0
+    trained_batches = 0  # this rank's, for the DDP summary
     # BatchNorm statistics change in the forward pass, before the loss is known: keep the last good ones
     # so a step that is skipped for a NaN/inf loss cannot leave NaN running means behind
     bn_buffers = list(de_parallel(model).buffers())
@@ -344,6 +346,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
                         ema.update(model)
                     last_opt_step = ni
                 bad_steps = 0
+                trained_batches += 1
                 torch._foreach_copy_(good_buffers, bn_buffers)
 
                 if main_rank:
@@ -396,6 +399,9 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
         for s, h in previous.items():
             signal.signal(s, h)
 
+    ranks = ddp_rank_summary(model, trained_batches)
+    if ranks and main_rank:
+        print("DDP: " + "; ".join(f"rank {r} trained {n} batches, weight sum {w:.10g}" for r, (n, w) in enumerate(ranks)))
     if main_rank:
         print(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
         logger.close()

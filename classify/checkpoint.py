@@ -84,10 +84,14 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def model_from_checkpoint(ckpt: dict) -> ResNet:
     """Rebuild the architecture recorded in the checkpoint and load its weights (strictly)."""
+    stem = ckpt.get("stem", "small")
+    w = ckpt["state_dict"].get("stem.0.conv.weight") if isinstance(ckpt["state_dict"], dict) else None
+    if stem == "small" and isinstance(w, torch.Tensor) and w.dim() == 4 and w.shape[1] == 3 and w.shape[-1] == 3:
+        stem = "plain-small"  # written before -spd models got an SPD small stem: keep the architecture it holds
     model = build_model(
         ckpt["model"],
         int(ckpt["nc"]),
-        stem=ckpt.get("stem", "small"),
+        stem=stem,
         spd_shortcut=bool(ckpt.get("spd_shortcut", True)),
         dropout=float(ckpt.get("dropout", 0.0)),
         stages=int(ckpt.get("stages", 4)),

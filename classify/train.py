@@ -43,8 +43,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="images per batch")
     p.add_argument("--imgsz", "--img", "--img-size", type=int, default=32, help="train/val image size (pixels)")
     p.add_argument("--stem", default="auto", choices=("auto", *STEMS),
-                   help="small: 3x3 stride-1 stem that keeps resolution; imagenet: 7x7/2 + max-pool "
-                        "(SPD-Conv, no pool, in -spd models); auto: small below 64 px, else imagenet")
+                   help="small: 3x3 stride-1 conv (SPD -> 3x3 conv in -spd models); imagenet: 7x7/2 + max-pool "
+                        "(SPD-Conv, no pool, in -spd models); plain-small: 3x3 stride-1 conv in every model; "
+                        "focus: SPD -> 1x1 conv (the only stem of *-spd-authors); auto: small below 64 px, else imagenet")
     p.add_argument("--strided-shortcut", action="store_true",
                    help="-spd models: keep a stride-2 1x1 conv in the shortcut, as the authors' released code does")
     p.add_argument("--optimizer", default="Adam", choices=OPTIMIZERS)

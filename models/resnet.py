@@ -8,8 +8,18 @@ through SPD too (default), so an SPD model has no layer with stride > 1 at all; 
 released code keeps a stride-2 1x1 convolution in that shortcut, which `spd_shortcut=False`
 reproduces.
 
-Two stems: 'imagenet' (7x7 stride-2 conv + 3x3 stride-2 max-pool, torchvision's layout) and
-'small' (one 3x3 stride-1 conv, no pool: the usual CIFAR layout, which keeps the input resolution).
+Two layouts for the SPD variants. 'paper' (`resnet18-spd`, `resnet50-spd`): SPD comes first, then a
+stride-1 conv over 4x the channels (SPD -> Conv -> BN). 'authors' (`resnet18-spd-authors`,
+`resnet50-spd-authors`): the authors' released code, Conv3x3 (stride 1) -> SPD -> BN(4c) with the next
+conv reading 4c channels, a Focus(3, 64, k=1) stem, stride-2 1x1 shortcuts, and Bottleneck [3, 4, 6, 3]
+for both names (their "resnet18_spd" is ResNet-50-deep).
+
+Stems: 'imagenet' (7x7 stride-2 conv + 3x3 stride-2 max-pool, torchvision's layout; SPD-Conv(7x7), no
+pool, in the paper-form SPD variants), 'small' (CIFAR: one 3x3 stride-1 conv in the plain models,
+SPD -> 3x3 stride-1 conv in the SPD variants, so the stem halves the image without dropping a pixel, as
+the authors' Focus stem does), 'plain-small' (one 3x3 stride-1 conv in every model: the resolution
+schedule of the plain CIFAR ResNet, which lets a plain model convert exactly into an SPD one) and
+'focus' (space_to_depth -> 1x1 conv, the authors' stem; the only stem of the 'authors' models).
 The blocks are the detector's `Conv` (conv + BN + activation, ReLU here) and `space_to_depth`, so
 state-dict keys read `layer2.0.cv1.conv.weight`; `torchvision_to_ours` renames torchvision keys.
 """
@@ -27,8 +37,11 @@ ARCHITECTURES: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
 }
-MODEL_NAMES = ("resnet18", "resnet18-spd", "resnet50", "resnet50-spd")
-STEMS = ("small", "imagenet")
+# the authors' released "resnet18_spd" and "resnet50_spd" are both Bottleneck [3, 4, 6, 3]
+AUTHORS_ARCHITECTURE = ("bottleneck", (3, 4, 6, 3))
+MODEL_NAMES = ("resnet18", "resnet18-spd", "resnet50", "resnet50-spd", "resnet18-spd-authors", "resnet50-spd-authors")
+STEMS = ("small", "imagenet", "plain-small", "focus")
+LAYOUTS = ("paper", "authors")
 WIDTHS = (64, 128, 256, 512)
 
 
@@ -52,6 +65,23 @@ class SPDConv(Conv):
 
     def forward_fuse(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward_fuse(self.spd(x))
+
+
+class ConvSPD(nn.Module):
+    """The authors' released SPD block: Conv (stride 1, c1 -> c2, no BN) -> space_to_depth -> BN(4*c2) -> act.
+
+    Outputs 4*c2 channels at half the resolution; the layer after it reads all 4*c2.
+    """
+
+    def __init__(self, c1: int, c2: int, k: int = 3, act: bool | nn.Module = True):
+        super().__init__()
+        self.conv = nn.Conv2d(c1, c2, k, 1, k // 2, bias=False)
+        self.spd = space_to_depth()
+        self.bn = nn.BatchNorm2d(4 * c2)
+        self.act = act if isinstance(act, nn.Module) else (_relu() if act else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.spd(self.conv(x))))
 
 
 def downsample_conv(c1: int, c2: int, k: int, spd: bool, act: bool | nn.Module) -> Conv:
@@ -90,12 +120,17 @@ class BottleneckBlock(nn.Module):
 
     expansion = 4
 
-    def __init__(self, c1: int, c: int, stride: int = 1, spd: bool = False, spd_shortcut: bool = True):
+    def __init__(self, c1: int, c: int, stride: int = 1, spd: bool = False, spd_shortcut: bool = True,
+                 layout: str = "paper"):
         super().__init__()
         c2 = c * self.expansion
         self.cv1 = Conv(c1, c, 1, 1, act=_relu())
-        self.cv2 = downsample_conv(c, c, 3, spd, _relu()) if stride == 2 else Conv(c, c, 3, 1, act=_relu())
-        self.cv3 = Conv(c, c2, 1, 1, act=False)
+        authors = spd and layout == "authors" and stride == 2
+        if authors:  # Conv3x3 s1 -> SPD -> BN(4c); the 1x1 expand then reads 4c channels
+            self.cv2 = ConvSPD(c, c, 3, _relu())
+        else:
+            self.cv2 = downsample_conv(c, c, 3, spd, _relu()) if stride == 2 else Conv(c, c, 3, 1, act=_relu())
+        self.cv3 = Conv(4 * c if authors else c, c2, 1, 1, act=False)
         self.shortcut = projection(c1, c2, stride, spd and spd_shortcut)
         self.act = _relu()
 
@@ -106,11 +141,34 @@ class BottleneckBlock(nn.Module):
 def parse_model_name(name: str) -> tuple[str, bool]:
     """'resnet18-spd' -> ('resnet18', True); unknown names raise ValueError listing the valid ones."""
     key = name.lower().strip()
+    if key.endswith("-authors") and key[: -len("-authors")].endswith("-spd"):
+        key = key[: -len("-authors")]
     spd = key.endswith("-spd")
     arch = key[: -len("-spd")] if spd else key
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown classification model '{name}'; choose one of {', '.join(MODEL_NAMES)}")
     return arch, spd
+
+
+def model_layout(name: str) -> str:
+    """'authors' for the *-spd-authors names (the authors' released code), else 'paper'."""
+    return "authors" if name.lower().strip().endswith("-spd-authors") else "paper"
+
+
+def make_stem(stem: str, spd: bool, layout: str) -> tuple[nn.Sequential, int, str]:
+    """(stem module, its downsampling factor, the stem name recorded in cfg) for a model variant."""
+    c = WIDTHS[0]
+    if layout == "authors" and stem != "plain-small":
+        stem = "focus"  # the authors use Focus(3, 64, k=1) for CIFAR and Tiny ImageNet alike
+    if stem == "focus":  # space_to_depth -> 1x1 conv over 12 channels
+        return nn.Sequential(SPDConv(3, c, 1, act=_relu())), 2, stem
+    if stem == "plain-small" or (stem == "small" and not spd):  # keeps resolution
+        return nn.Sequential(Conv(3, c, 3, 1, act=_relu())), 1, stem
+    if stem == "small":  # SPD idea on CIFAR: halve the image by folding pixels into channels, not dropping them
+        return nn.Sequential(SPDConv(3, c, 3, act=_relu())), 2, stem
+    if spd:  # paper: 7x7 stride-2 conv -> SPD-Conv, max-pool removed
+        return nn.Sequential(SPDConv(3, c, 7, act=_relu())), 2, stem
+    return nn.Sequential(Conv(3, c, 7, 2, act=_relu()), nn.MaxPool2d(3, 2, 1)), 4, stem
 
 
 class ResNet(nn.Module):
@@ -130,16 +188,20 @@ class ResNet(nn.Module):
     ):
         super().__init__()
         arch, spd = parse_model_name(name)
+        layout = model_layout(name)
         if stem not in STEMS:
             raise ValueError(f"unknown stem '{stem}'; choose one of {', '.join(STEMS)}")
         if not 1 <= stages <= 4:
             raise ValueError(f"stages must be 1-4, got {stages}")
         if nc < 1:
             raise ValueError(f"nc must be at least 1, got {nc}")
-        kind, depths = ARCHITECTURES[arch]
+        kind, depths = AUTHORS_ARCHITECTURE if layout == "authors" else ARCHITECTURES[arch]
         block = BasicBlock if kind == "basic" else BottleneckBlock
+        if layout == "authors":
+            spd_shortcut = False  # the released code keeps stride-2 1x1 shortcuts
+        self.stem, stride, stem = make_stem(stem, spd, layout)
         self.cfg = {
-            "model": f"{arch}-spd" if spd else arch,
+            "model": (f"{arch}-spd" if spd else arch) + ("-authors" if layout == "authors" else ""),
             "nc": int(nc),
             "stem": stem,
             "spd_shortcut": bool(spd_shortcut),
@@ -147,23 +209,14 @@ class ResNet(nn.Module):
             "stages": int(stages),
         }
 
-        if stem == "small":  # keeps resolution: nothing to replace with SPD here
-            self.stem = nn.Sequential(Conv(3, WIDTHS[0], 3, 1, act=_relu()))
-            stride = 1
-        elif spd:  # paper: 7x7 stride-2 conv -> SPD-Conv, max-pool removed
-            self.stem = nn.Sequential(SPDConv(3, WIDTHS[0], 7, act=_relu()))
-            stride = 2
-        else:
-            self.stem = nn.Sequential(Conv(3, WIDTHS[0], 7, 2, act=_relu()), nn.MaxPool2d(3, 2, 1))
-            stride = 4
-
         c1 = WIDTHS[0]
         for i in range(4):
             if i < stages:
                 s = 1 if i == 0 else 2
                 layers = []
                 for j in range(depths[i]):
-                    layers.append(block(c1, WIDTHS[i], s if j == 0 else 1, spd, spd_shortcut))
+                    extra = {"layout": layout} if block is BottleneckBlock else {}
+                    layers.append(block(c1, WIDTHS[i], s if j == 0 else 1, spd, spd_shortcut, **extra))
                     c1 = WIDTHS[i] * block.expansion
                 stride *= s
                 setattr(self, f"layer{i + 1}", nn.Sequential(*layers))

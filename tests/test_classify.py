@@ -42,9 +42,13 @@ VIDEO = ROOT.parent / "shared" / "videos" / "car-detection.mp4"
 # parameter counts (small stem: nc=10, imagenet stem: nc=1000); the imagenet baselines equal torchvision's
 PARAMS = {
     ("resnet18", "small"): 11_173_962,
-    ("resnet18-spd", "small"): 16_334_922,
+    ("resnet18-spd", "small"): 16_340_106,  # SPD -> 3x3 conv stem (12 -> 64): 7,040 parameters
     ("resnet50", "small"): 23_520_842,
-    ("resnet50-spd", "small"): 41_068_106,
+    ("resnet50-spd", "small"): 41_073_290,
+    ("resnet18-spd", "plain-small"): 16_334_922,  # 3x3 stride-1 stem (3 -> 64): 1,856 parameters
+    ("resnet50-spd", "plain-small"): 41_068_106,
+    ("resnet50-spd-authors", "small"): 27_654_026,  # the small stem is the authors' Focus here
+    ("resnet18-spd-authors", "small"): 27_654_026,  # the authors' "resnet18_spd" is the same network
     ("resnet18", "imagenet"): 11_689_512,
     ("resnet18-spd", "imagenet"): 16_878_696,
     ("resnet50", "imagenet"): 25_557_032,
@@ -116,10 +120,61 @@ def test_spd_uses_the_detector_space_to_depth():
         model(torch.randn(1, 3, 30, 30))  # SPD refuses odd sizes rather than dropping pixels
 
 
+def test_small_stem_of_spd_variants_is_spd():
+    """CIFAR: the -spd models' stem folds 2x2 pixels into channels (32 -> 16), the plain ones keep 32."""
+    spd = build_model("resnet50-spd", 10, stem="small")
+    assert isinstance(spd.stem[0], SPDConv) and spd.stem[0].conv.in_channels == 12 and spd.stride == 16
+    assert spd.features(torch.randn(1, 3, 32, 32)).shape[-2:] == (2, 2)  # the authors' 32 -> 2
+    plain = build_model("resnet50", 10, stem="small")
+    assert not isinstance(plain.stem[0], SPDConv) and plain.stride == 8
+
+
+@pytest.mark.parametrize("name", ["resnet18-spd-authors", "resnet50-spd-authors"])
+def test_authors_layout(name):
+    """The released code: Focus(3, 64, k=1) stem, Conv3x3 s1 -> SPD -> BN(4c), Bottleneck [3, 4, 6, 3]."""
+    from models.resnet import BottleneckBlock, ConvSPD
+
+    m = build_model(name, 10, stem="small").eval()
+    assert m.cfg["model"] == name and m.cfg["stem"] == "focus" and m.cfg["spd_shortcut"] is False
+    assert isinstance(m.stem[0], SPDConv) and m.stem[0].conv.kernel_size == (1, 1) and m.stem[0].conv.in_channels == 12
+    assert [len(getattr(m, f"layer{i}")) for i in range(1, 5)] == [3, 4, 6, 3]
+    assert all(isinstance(b, BottleneckBlock) for b in m.layer1)
+    blk = m.layer2[0]
+    assert isinstance(blk.cv2, ConvSPD) and list(blk.cv2._modules) == ["conv", "spd", "bn", "act"]
+    assert blk.cv2.conv.stride == (1, 1) and blk.cv2.conv.out_channels == 128 and blk.cv2.bn.num_features == 512
+    assert blk.cv3.conv.in_channels == 512  # the 1x1 expand reads all 4c SPD channels
+    assert strided_layers(m) == [f"layer{i}.0.shortcut.conv" for i in (2, 3, 4)]  # stride-2 1x1 shortcuts kept
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert m.features(x).shape == (2, 2048, 2, 2) and m(x).shape == (2, 10)
+        # ConvSPD computes exactly conv -> space_to_depth -> BN -> ReLU
+        h = torch.randn(1, 128, 8, 8)
+        ref = F.relu(blk.cv2.bn(space_to_depth()(F.conv2d(h, blk.cv2.conv.weight, padding=1))))
+        torch.testing.assert_close(blk.cv2(h), ref)
+
+
+def test_checkpoints_rebuild_authors_and_old_small_stem(tmp_path):
+    """An authors-layout checkpoint reloads as that layout; an -spd checkpoint written before the SPD
+    small stem (3x3 stride-1 stem weights) still rebuilds the architecture it holds."""
+    from classify.checkpoint import make_checkpoint, model_from_checkpoint
+
+    x = torch.randn(1, 3, 32, 32)
+    for name, stem, cfg_stem in (("resnet50-spd-authors", "small", None), ("resnet18-spd", "plain-small", "small")):
+        m = build_model(name, 3, stem=stem).eval()
+        randomize_bn(m)
+        ck = make_checkpoint(m, ["a", "b", "c"], 32, 0, 0.5)
+        if cfg_stem:
+            ck["stem"] = cfg_stem  # what such a file says
+        torch.save(ck, tmp_path / "c.pt")
+        back = model_from_checkpoint(read_checkpoint(tmp_path / "c.pt")).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(back(x), m(x))
+
+
 @pytest.mark.parametrize("key", sorted(PARAMS))
 def test_parameter_counts(key):
     name, stem = key
-    model = build_model(name, 10 if stem == "small" else 1000, stem=stem)
+    model = build_model(name, 1000 if stem == "imagenet" else 10, stem=stem)
     assert n_params(model) == PARAMS[key]
 
 
@@ -147,9 +202,10 @@ def test_spd_weight_reproduces_strided_conv(k):
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_spd_model_from_baseline_is_same_function(arch):
-    base = build_model(arch, 10).eval()
+    # with the stride-1 stem both share one resolution schedule, so every strided conv has an exact SPD twin
+    base = build_model(arch, 10, stem="plain-small").eval()
     randomize_bn(base)
-    spd = build_model(f"{arch}-spd", 10).eval()
+    spd = build_model(f"{arch}-spd", 10, stem="plain-small").eval()
     loaded, total = transfer_weights(spd, base.state_dict())
     assert loaded == total
     x = torch.randn(2, 3, 32, 32)
@@ -159,7 +215,7 @@ def test_spd_model_from_baseline_is_same_function(arch):
 
 def test_cutoff_and_dropout():
     m = build_model("resnet18-spd", 5, stages=2, dropout=0.3)
-    assert m.fc.in_features == 128 and m.stride == 2 and isinstance(m.drop, torch.nn.Dropout)
+    assert m.fc.in_features == 128 and m.stride == 4 and isinstance(m.drop, torch.nn.Dropout)  # SPD stem, layer2
     assert m.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5)
     with pytest.raises(ValueError):
         build_model("resnet34", 10)
@@ -284,7 +340,11 @@ def test_train_outputs(trained):
     assert ck["imgsz"] == 32 and ck["optimizer"] is None  # best.pt is stripped for use
     last = torch.load(out["last"], map_location="cpu", weights_only=True)
     assert last["optimizer"] is not None and last["epoch"] == 1
-    assert 0 <= out["top1"] <= 1 and out["top5"] == 1.0  # 3 classes: top-5 always holds the truth
+    acc = df["metrics/accuracy_top1"]
+    assert out["top1"] == pytest.approx(acc.max())  # best.pt holds the epoch with the best top-1
+    assert ck["best_fitness"] == pytest.approx(acc.max()) and ck["epoch"] == int(acc.idxmax())
+    assert all(abs(a * 12 - round(a * 12)) < 1e-9 for a in acc)  # a count out of the 12 test images
+    assert np.isfinite(df["train/loss"]).all() and (df["val/loss"] > 0).all()
 
 
 def test_val_and_predict_accept_checkpoint(trained, tmp_path, capsys):
@@ -352,7 +412,7 @@ def test_cli_errors_are_one_line(tmp_path):
                         "--data", str(data), "--project", str(tmp_path / "runs")],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert r.stderr.startswith("ERROR: --imgsz 36 must be a multiple of 8")
+    assert r.stderr.startswith("ERROR: --imgsz 36 must be a multiple of 16")
 
 
 def test_benchmark_smoke(tmp_path):
@@ -363,7 +423,9 @@ def test_benchmark_smoke(tmp_path):
                                     "--out", str(tmp_path)]))
     assert list(df.model) == ["resnet18", "resnet18-spd"] and (df.test_images == 10).all()
     assert df.params_M.iloc[1] == pytest.approx(PARAMS[("resnet18-spd", "small")] / 1e6)
-    assert (df.GFLOPs > 1).all() and (df.cpu_ms_per_img_b1 > 0).all()
+    # resnet18 at 32: 1.111 GFLOPs; resnet18-spd's SPD stem halves every later stage: 0.375
+    assert list(df.GFLOPs.round(3)) == [1.111, 0.375] and (df.cpu_ms_per_img_b1 > 0).all()
     md = (tmp_path / "results.md").read_text()
     assert "| resnet18-spd |" in md and "Command: `python benchmarks/classify_cifar10.py" in md
-    assert (tmp_path / "results.csv").is_file()
+    saved = pd.read_csv(tmp_path / "results.csv")
+    assert list(saved.model) == list(df.model) and saved.top1.tolist() == pytest.approx(df.top1.tolist())

@@ -184,7 +184,12 @@ def test_planted_faults_scan_to_the_end(tmp_path, capsys):
     by_name = {Path(f).stem: lb for f, lb in zip(ds.im_files, ds.labels)}
     assert np.allclose(by_name["class999"], [[1, 0.5, 0.5, 0.2, 0.2]])
     assert len(by_name["dupes"]) == 2 and len(by_name["emptylabel"]) == 0
-    assert [len(x) for x in ds.labels] == [len(x) for x in ds.labels]  # all loaded
+    # every kept image has its label rows: the shared coco8 files' line counts, and the planted ones by hand
+    expected = {n: len((COCO8 / "labels" / "train" / f"{n}.txt").read_text().split("\n")) - 1
+                for n in ("000000000009", "000000000025", "000000000030", "000000000034")}
+    expected |= {"class999": 1, "dupes": 2, "emptylabel": 0, "noendmarker": 1}
+    assert {n: len(lb) for n, lb in by_name.items()} == expected
+    assert all(lb.shape[1:] == (5,) and ((lb[:, 1:] >= 0) & (lb[:, 1:] <= 1)).all() for lb in ds.labels)
     for i in range(ds.n):
         img, lbs, f, shapes = ds[i]  # every kept image really loads
         assert img.shape == (3, 64, 64)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import export
 from models.backends import DetectMultiBackend, parse_names
@@ -136,16 +137,8 @@ def spd_weights(tmp_path_factory) -> Path:
     return _spd_checkpoint(tmp_path_factory.mktemp("spd"))
 
 
-def test_spd_onnx_graph_has_no_slices(spd_weights):
-    """yolov5n-spd to ONNX (simplified when onnxslim is installed) and OpenVINO: no SPD slicing left."""
-    import onnx
-
-    w = spd_weights
-    include = ["onnx"] + (["openvino"] if _installed("openvino") else [])
-    files = export.run(weights=w, imgsz=[128], include=include, dynamic=True, simplify=_installed("onnxslim"))
-    ops = [n.op_type for n in onnx.load(str(files["onnx"])).graph.node]
-    assert ops.count("Slice") == 0  # nothing sliced at all, so certainly not by space_to_depth
-    assert ops.count("SpaceToDepth") == 2  # the two head SPDs; the other five were folded into convs
+def _check_spd_exports(files: dict, w: Path) -> None:
+    """Every exported file reloads with its metadata and matches PyTorch on a non-square input."""
     x = torch.rand(1, 3, 96, 128)
     ref = DetectMultiBackend(w)(x)
     for f in files.values():
@@ -153,17 +146,43 @@ def test_spd_onnx_graph_has_no_slices(spd_weights):
         assert b.names[3] == "class3" and b.fixed_imgsz is None and b.stride == 32
         d = export.compare(b(x), ref)
         assert d["boxes"] < 0.05 and d["scores"] < 1e-3, (f, d)
-    if "openvino" in files:
-        assert files["openvino"].name == "yolov5n-spd_openvino_model"
-        assert (files["openvino"] / "metadata.yaml").is_file()
+
+
+def _onnx_ops(f: Path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(f)).graph.node]
+
+
+def test_spd_onnx_graph_has_no_slices(spd_weights):
+    """yolov5n-spd to ONNX: no SPD slicing left; the slice form keeps the authors' slices."""
+    w = spd_weights
+    files = export.run(weights=w, imgsz=[128], include=["onnx"], dynamic=True, simplify=False)
+    ops = _onnx_ops(files["onnx"])
+    assert ops.count("Slice") == 0  # nothing sliced at all, so certainly not by space_to_depth
+    assert ops.count("SpaceToDepth") == 2  # the two head SPDs; the other five were folded into convs
+    _check_spd_exports(files, w)
     f_slice = export.run(weights=w, imgsz=[128], include=["onnx"], spd_form="slice")["onnx"]
-    assert [n.op_type for n in onnx.load(str(f_slice)).graph.node].count("Slice") >= 7 * 4  # the authors' form
+    assert _onnx_ops(f_slice).count("Slice") >= 7 * 4  # the authors' form
 
 
-def _installed(name: str) -> bool:
-    import importlib.util
+def test_spd_onnx_simplified_with_onnxslim(spd_weights, tmp_path):
+    pytest.importorskip("onnxslim", reason="onnxslim not installed (pip install onnxslim): --simplify branch untested")
+    w = Path(shutil.copy(spd_weights, tmp_path / spd_weights.name))
+    files = export.run(weights=w, imgsz=[128], include=["onnx"], dynamic=True, simplify=True)
+    ops = _onnx_ops(files["onnx"])
+    assert ops.count("Slice") == 0 and ops.count("SpaceToDepth") == 2
+    _check_spd_exports(files, w)
 
-    return importlib.util.find_spec(name) is not None
+
+def test_spd_openvino_export(spd_weights, tmp_path):
+    pytest.importorskip("openvino", reason="openvino not installed (pip install openvino): OpenVINO export untested")
+    w = Path(shutil.copy(spd_weights, tmp_path / spd_weights.name))
+    files = export.run(weights=w, imgsz=[128], include=["openvino"], dynamic=True)
+    assert files["openvino"].name == "yolov5n-spd_openvino_model"
+    meta = yaml.safe_load((files["openvino"] / "metadata.yaml").read_text())
+    assert meta["names"][3] == "class3" and int(meta["stride"]) == 32
+    _check_spd_exports(files, w)
 
 
 @pytest.fixture(scope="module")

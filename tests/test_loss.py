@@ -285,3 +285,27 @@ def test_random_predictions_positive_finite_and_grads_reach_every_level(yolo):
         assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
     first = next(yolo.model[0].parameters())  # the gradient flows back through the whole network
     assert first.grad is not None and first.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("level,weight", [(0, 4.0), (1, 1.0), (2, 0.4)])
+def test_objectness_level_balance_is_4_1_0_4(level, weight):
+    """YOLOv5's objectness balance P3/P4/P5 = 4.0/1.0/0.4, by hand: with no targets every objectness
+    target is 0, so a level whose logits are all 0 adds balance * BCE(0, 0) = balance * ln 2, and a
+    level at logit -30 adds ~1e-13."""
+    loss = ComputeLoss(_FakeModel(ANCHORS, nc=3))
+    p = [torch.full_like(x, -30.0) for x in _grids(nc=3, bs=2)]
+    p[level][..., 4] = 0.0
+    _, items = loss(p, torch.zeros(0, 6))
+    assert items[1].item() == pytest.approx(weight * math.log(2) * HYP["obj"], rel=1e-6)
+
+
+def test_objectness_balance_weights_levels_differently():
+    """All three levels at once, each at its own logit: lobj = obj * sum(balance_i * softplus(z_i))."""
+    loss = ComputeLoss(_FakeModel(ANCHORS, nc=3))
+    p = [torch.zeros_like(x) for x in _grids(nc=3, bs=1)]
+    for pi, z in zip(p, (0.0, 1.0, -1.0)):
+        pi[..., 4] = z
+    _, items = loss(p, torch.zeros(0, 6))
+    softplus = lambda z: math.log1p(math.exp(z))  # noqa: E731 - BCE of logit z against target 0
+    expected = HYP["obj"] * (4.0 * softplus(0.0) + 1.0 * softplus(1.0) + 0.4 * softplus(-1.0))
+    assert items[1].item() == pytest.approx(expected, rel=1e-6)

@@ -132,7 +132,7 @@ def test_fitness_weights():
 
 # --- ConfusionMatrix --------------------------------------------------------------------------------------
 
-def test_confusion_matrix_counts(tmp_path):
+def test_confusion_matrix_counts(tmp_path, saved_figures):
     cm = ConfusionMatrix(nc=2, conf=0.25, iou_thres=0.45)
     labels = torch.tensor([[0, 0, 0, 10, 10], [1, 20, 20, 30, 30], [1, 50, 50, 60, 60]], dtype=torch.float32)
     dets = torch.tensor(
@@ -156,7 +156,12 @@ def test_confusion_matrix_counts(tmp_path):
     assert cm.matrix[0, 2] == 1
 
     out = cm.plot(save_dir=tmp_path, names={0: "a", 1: "b"})
-    assert out.name == "confusion_matrix.png" and out.stat().st_size > 1000
+    assert out.name == "confusion_matrix.png" and cv2.imread(str(out)) is not None
+    # the heatmap shows each column (true class) normalised to 1, near-zero cells left blank
+    ax = saved_figures["confusion_matrix.png"].axes[0]
+    norm = cm.matrix / cm.matrix.sum(0, keepdims=True)
+    assert [t.get_text() for t in ax.texts] == [f"{v:.2f}" for v in norm.flatten() if v >= 0.005]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "background"]
 
 
 # --- COCOStyleEvaluator on hand cases (the pycocotools cross-check lives in test_coco.py) -----------------
@@ -198,15 +203,53 @@ def test_coco_style_evaluator_half_iou_box():
 
 # --- plots ------------------------------------------------------------------------------------------------
 
-def test_ap_per_class_writes_curves(tmp_path):
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib Figure saved during the test, by file name, still inspectable (lines, bars, titles)."""
+    from matplotlib.figure import Figure
+
+    figs: dict[str, Figure] = {}
+    real = Figure.savefig
+
+    def record(self, fname, *a, **k):
+        figs[Path(fname).name] = self
+        return real(self, fname, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return figs
+
+
+def test_ap_per_class_writes_curves(tmp_path, saved_figures):
     rng = np.random.default_rng(0)
     tp = rng.random((60, 10)) < 0.6
     conf = rng.random(60)
     pred_cls = rng.integers(0, 3, 60)
     target_cls = rng.integers(0, 3, 40)
-    ap_per_class(tp, conf, pred_cls, target_cls, plot=True, save_dir=tmp_path, names={0: "a", 1: "b", 2: "c"})
+    _, _, p, r, f1, ap, cls = ap_per_class(tp, conf, pred_cls, target_cls, plot=True, save_dir=tmp_path,
+                                           names={0: "a", 1: "b", 2: "c"})
     for name in ("PR_curve.png", "F1_curve.png", "P_curve.png", "R_curve.png"):
-        assert (tmp_path / name).stat().st_size > 1000
+        assert cv2.imread(str(tmp_path / name)) is not None  # a real image was written
+    # PR curve: one line per class labelled with its AP@0.5, then their mean labelled with the mAP@0.5
+    lines = saved_figures["PR_curve.png"].axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == [f"{n} {ap[i, 0]:.3f}" for i, n in enumerate("abc")] + [
+        f"all classes {ap[:, 0].mean():.3f} mAP@0.5"]
+    per_class = np.stack([ln.get_ydata() for ln in lines[:3]])
+    np.testing.assert_allclose(lines[3].get_ydata(), per_class.mean(0))
+    assert (np.diff(per_class, axis=1) <= 1e-12).all()  # interpolated precision never rises with recall
+    for i in range(3):  # the area under each plotted curve is that class's AP@0.5 (101-point vs 1000-point)
+        assert np.trapezoid(per_class[i], lines[i].get_xdata()) == pytest.approx(ap[i, 0], abs=0.02)
+    # recall vs confidence: never rises as the threshold rises, starts at each class's final recall
+    r_lines = saved_figures["R_curve.png"].axes[0].get_lines()[:3]
+    for i, ln in enumerate(r_lines):
+        y = ln.get_ydata()
+        assert (np.diff(y) <= 1e-12).all()
+        keep = pred_cls == cls[i]
+        assert y[0] == pytest.approx(tp[keep, 0].sum() / (target_cls == cls[i]).sum(), rel=1e-6)
+    # the F1 legend states the maximum of the smoothed mean F1 and where it is
+    f1_mean = saved_figures["F1_curve.png"].axes[0].get_lines()[-1]
+    k = int(np.argmax(f1_mean.get_ydata()))
+    assert f1_mean.get_label() == f"all classes {f1_mean.get_ydata()[k]:.2f} at {f1_mean.get_xdata()[k]:.3f}"
+    np.testing.assert_allclose(f1, 2 * p * r / (p + r + 1e-16))
 
 
 def test_plot_images_mosaic(tmp_path):
@@ -226,7 +269,7 @@ def test_plot_images_mosaic(tmp_path):
     assert im[6:26, 8:40].max() < 60  # image 0's tile got no box
 
 
-def test_plot_results_and_labels(tmp_path):
+def test_plot_results_and_labels(tmp_path, saved_figures):
     cols = ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision",
             "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "metrics/APs", "val/box_loss",
             "val/obj_loss", "val/cls_loss", "x/lr0"]
@@ -234,11 +277,26 @@ def test_plot_results_and_labels(tmp_path):
     csv = tmp_path / "results.csv"
     csv.write_text(",".join(f"{c:>20}" for c in cols) + "\n" + "\n".join(",".join(map(str, r)) for r in rows))
     out = plot_results(csv)
-    assert out == tmp_path / "results.png" and out.stat().st_size > 1000
+    assert out == tmp_path / "results.png" and cv2.imread(str(out)) is not None
+    # one panel per metric/loss column (the x/ learning-rate column is not a result), each plotting that column
+    axes = saved_figures["results.png"].axes
+    assert sorted(ax.get_title() for ax in axes) == sorted(cols[1:-1])
+    for ax in axes:
+        k = cols.index(ax.get_title())
+        line = ax.get_lines()[0]
+        np.testing.assert_allclose(line.get_xdata(), range(6))
+        np.testing.assert_allclose(line.get_ydata(), [r[k] for r in rows])
     with pytest.raises(UserError):
         plot_results(tmp_path / "nope.csv")
 
     labels = np.array([[0, 0.5, 0.5, 0.2, 0.3], [1, 0.2, 0.7, 0.1, 0.1], [1, 0.8, 0.1, 0.05, 0.4]])
     out = plot_labels(labels, names=["a", "b"], save_dir=tmp_path)
-    assert out == tmp_path / "labels.jpg" and out.stat().st_size > 1000
-    assert plot_labels(np.zeros((0, 5)), save_dir=tmp_path / "empty").stat().st_size > 0
+    assert out == tmp_path / "labels.jpg" and cv2.imread(str(out)) is not None
+    fig = saved_figures["labels.jpg"]
+    assert [b.get_height() for b in fig.axes[0].patches] == [1, 2]  # instances per class
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["a", "b"]
+    canvas = fig.axes[1].get_images()[0].get_array()  # box outlines drawn centred on a white 1000x1000 canvas
+    assert (np.asarray(canvas)[350, 400:600] != 255).any() and (np.asarray(canvas)[500, 500] == 255).all()
+    plot_labels(np.zeros((0, 5)), save_dir=tmp_path / "empty")
+    texts = [t.get_text() for ax in saved_figures["labels.jpg"].axes for t in ax.texts]
+    assert texts == ["no labels"] * 4

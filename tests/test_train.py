@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,6 +81,12 @@ def test_ddp_two_processes_gloo(coco8, tmp_path):
     assert [p.name for p in runs] == ["ddp"]
     assert len(read_results(runs[0])) == 1
     assert sorted(p.name for p in (runs[0] / "weights").iterdir()) == ["best.pt", "last.pt"]
+    # both ranks trained (4 images, batch 4 over 2 ranks: one batch of 2 each) and all-reduce kept them in sync
+    m = re.search(r"DDP: rank 0 trained (\d+) batches, weight sum (\S+); rank 1 trained (\d+) batches, weight sum (\S+)\n",
+                  r.stdout)
+    assert m, r.stdout[-3000:]
+    assert int(m.group(1)) == int(m.group(3)) == 1
+    assert float(m.group(2)) == float(m.group(4))  # identical replicas after the optimizer steps
 
 
 def test_sigkill_then_resume_finishes_planned_epochs(coco8, tmp_path):

@@ -216,3 +216,19 @@ def forward_times_ms(model: nn.Module, x: torch.Tensor, runs: int, warmup: int =
         model(x)
         times.append((time.perf_counter() - t) * 1e3)
     return times
+
+
+def ddp_rank_summary(model: nn.Module, batches: int) -> list[tuple[int, float]] | None:
+    """Under DDP, every rank's (batches it trained on, sum of its weights), gathered on all ranks.
+
+    Shows that each rank really trained and that gradient all-reduce kept the replicas identical;
+    None outside DDP. Every rank must call it (it is a collective).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    params = [p.detach().reshape(-1) for p in de_parallel(model).parameters()]
+    flat = torch.cat(params).double()
+    mine = torch.stack((torch.tensor(float(batches), dtype=torch.float64, device=flat.device), flat.sum()))
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [(int(t[0].item()), float(t[1].item())) for t in gathered]
