@@ -70,6 +70,7 @@ def run(
     save_dir=Path(""),
     plots=True,
     compute_loss=None,
+    trust_weights=False,
 ):
     """Evaluate; returns ((P, R, mAP50, mAP50-95, APs, APm, APl, *val_losses), per-class mAP50-95, (pre, inf, nms) ms).
 
@@ -92,7 +93,8 @@ def run(
         device = select_device(device, batch_size=batch_size)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
         data = check_dataset(data)
-        model = DetectMultiBackend(weights, device=device, fp16=half and device.type != "cpu", data=data)
+        model = DetectMultiBackend(weights, device=device, fp16=half and device.type != "cpu", data=data,
+                                   trust_weights=trust_weights)
         half = model.fp16
         stride, names = model.stride, dict(model.names)
         pt = model.fixed_imgsz is None  # rectangular batches for any format that accepts any shape
@@ -290,6 +292,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="exp", help="save to project/name")
     parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
+    parser.add_argument("--trust-weights", action="store_true", help="allow TorchScript weights (loading them runs their code)")
     opt = parser.parse_args(argv)
     opt.save_txt |= opt.save_hybrid
     if opt.batch_size < 1:

@@ -5,7 +5,8 @@ predictions whatever the format; names, stride and a fixed input size (for fixed
 travel inside the exported file:
 
     .pt                      PyTorch checkpoint (official YOLOv5 or this project's)
-    .torchscript             TorchScript (metadata in the archive's extra file config.txt)
+    .torchscript             TorchScript (metadata in the archive's extra file config.txt); loading one runs
+                             code stored in the file, so it is refused unless trust_weights=True
     .onnx                    ONNX Runtime (metadata in the model's metadata_props)
     *_openvino_model/, .xml  OpenVINO IR (metadata.yaml beside the .xml)
 """
@@ -25,6 +26,11 @@ from utils.checkpoints import load_model, resolve_weights
 from utils.errors import UserError
 
 SUFFIXES = (".pt", ".torchscript", ".onnx", "_openvino_model/ or .xml")
+# torch.jit.load runs the archive's own scripted code (e.g. a __setstate__), which can read and write
+# files: there is no weights_only mode for TorchScript, so only the user can vouch for such a file.
+TORCHSCRIPT_REFUSED = ("refusing to load {w}: loading a TorchScript file runs code stored inside it; "
+                       "pass --trust-weights (torch.hub: trust_weights=True) only if you made this file "
+                       "or trust whoever did, or use the .pt or .onnx weights instead")
 
 
 def parse_names(names) -> dict[int, str] | None:
@@ -85,7 +91,7 @@ class DetectMultiBackend(nn.Module):
     """Decoded detections from .pt, TorchScript, ONNX Runtime or OpenVINO weights."""
 
     def __init__(self, weights: str | Path = "yolov5s.pt", device: torch.device = torch.device("cpu"),
-                 fp16: bool = False, fuse: bool = True, data: dict | None = None):
+                 fp16: bool = False, fuse: bool = True, data: dict | None = None, trust_weights: bool = False):
         super().__init__()
         w = Path(str(weights[0] if isinstance(weights, (list, tuple)) else weights))
         self.format = weights_format(w)
@@ -116,6 +122,8 @@ class DetectMultiBackend(nn.Module):
                 self.model.half()
             stride, names = int(self.model.stride.max()), dict(self.model.names)
         elif self.jit:
+            if not trust_weights:
+                raise UserError(TORCHSCRIPT_REFUSED.format(w=w))
             names, stride = self._load_torchscript(w)
         elif self.onnx:
             names, stride = self._load_onnx(w)

@@ -33,7 +33,7 @@ from utils.augmentations import (
 )
 from utils.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
 from utils.errors import UserError
-from utils.sources import IMG_FORMATS, TRUNCATED_JPEG, jpeg_end_marker_missing, jpeg_is_truncated
+from utils.sources import IMG_FORMATS, TRUNCATED_JPEG, check_jpeg
 from utils.torch_utils import torch_distributed_zero_first
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,8 @@ def verify_image_label(im_file: str, lb_file: str, nc: int | None = None, prefix
     Skipped (counted corrupt): unreadable, zero-byte, non-image, truncated or < 10 px images;
     label rows with the wrong number of columns, non-numbers, NaN/inf, or coordinates outside
     0-1. Dropped with a warning: rows whose class id is negative, fractional or >= nc, and
-    duplicate rows. A JPEG that only lacks its end marker is used as is (with a warning): the
+    duplicate rows. JPEGs are decoded fully (check_jpeg). A JPEG that only lacks its end marker
+    is used as is (with a warning): the
     data folder may be read-only, so nothing is ever rewritten.
     """
     nm = nf = ne = 0
@@ -106,10 +107,12 @@ def verify_image_label(im_file: str, lb_file: str, nc: int | None = None, prefix
             raise ValueError(f"unsupported image format '{fmt}'")
         if shape[0] < 10 or shape[1] < 10:
             raise ValueError(f"image size {shape[0]}x{shape[1]} is under 10 pixels")
-        if fmt in ("jpeg", "mpo") and jpeg_end_marker_missing(im_file):
-            if jpeg_is_truncated(im_file):
+        if fmt in ("jpeg", "mpo"):
+            usable, note = check_jpeg(im_file)  # a full decode: verify() alone misses cut-off scans
+            if not usable:
                 raise ValueError(TRUNCATED_JPEG)
-            notes.append("JPEG end marker missing, the image itself is complete; used as is")
+            if note:
+                notes.append(note)
 
         if os.path.isfile(lb_file):
             nf = 1
@@ -174,6 +177,14 @@ def verify_image_label(im_file: str, lb_file: str, nc: int | None = None, prefix
     except (OSError, ValueError, SyntaxError, UnicodeDecodeError, Image.DecompressionBombError) as e:
         msg = f"{prefix}WARNING: {im_file}: ignoring corrupt image/label: {e}"
         return LabelCheck(im_file, None, None, [], nm, nf, ne, 1, msg)
+
+
+def _imread(f: str) -> np.ndarray | None:
+    """cv2.imread that returns None instead of raising on a decoder error (huge declared sizes)."""
+    try:
+        return cv2.imread(f)
+    except (cv2.error, MemoryError):
+        return None
 
 
 def is_writeable(folder: str | Path) -> bool:
@@ -510,7 +521,7 @@ class LoadImagesAndLabels(Dataset):
         sample = random.Random(self.seed).sample(range(self.n), min(self.n, 30))
         b = 0
         for i in sample:
-            im = cv2.imread(self.im_files[i])
+            im = _imread(self.im_files[i])
             if im is None:
                 continue
             r = self.img_size / max(im.shape[:2])
@@ -525,7 +536,7 @@ class LoadImagesAndLabels(Dataset):
     def _save_npy(self, i: int) -> int:
         f = self.npy_files[i]
         if not f.exists():
-            im = cv2.imread(self.im_files[i])
+            im = _imread(self.im_files[i])
             if im is None:
                 return 0
             f.parent.mkdir(parents=True, exist_ok=True)
@@ -541,7 +552,7 @@ class LoadImagesAndLabels(Dataset):
         if fn is not None and fn.exists():
             im = np.load(fn, allow_pickle=False)
         else:
-            im = cv2.imread(self.im_files[i])
+            im = _imread(self.im_files[i])
             if im is None:
                 raise UserError(f"{self.prefix}cannot read image {self.im_files[i]}")
         h0, w0 = im.shape[:2]
