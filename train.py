@@ -37,7 +37,8 @@ from utils.checkpoints import atomic_save, make_checkpoint, read_checkpoint, res
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
-from utils.files import increment_path  # noqa: E402
+from utils.checks import check_freeze, check_loader_args, check_resume_nc  # noqa: E402
+from utils.files import check_writable, increment_path  # noqa: E402
 from utils.logging import RESULT_KEYS, ResultsLogger, colorstr  # noqa: E402
 from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
@@ -77,6 +78,7 @@ def load_hyp(hyp: str | Path | dict) -> dict:
 def build_model(opt: argparse.Namespace, hyp: dict, nc: int, names: dict, device: torch.device, resume_ckpt: dict | None):
     """The model to train: from a config, from weights, or from plain weights transferred into an SPD config."""
     if resume_ckpt is not None:
+        check_resume_nc(resume_ckpt["cfg"].get("nc", nc), nc, opt.weights, opt.data)
         model = Model(resume_ckpt["cfg"], ch=3, nc=nc, verbose=RANK in {-1, 0}).to(device)
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in resume_ckpt["model"].items()})
         return model
@@ -126,6 +128,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     model = build_model(opt, hyp, nc, names, device, resume_ckpt)
     amp = device.type == "cuda"
 
+    check_freeze(opt.freeze, len(model.model))
     freeze = [f"model.{x}." for x in (opt.freeze if len(opt.freeze) > 1 else range(opt.freeze[0]))]
     for k, v in model.named_parameters():
         v.requires_grad = True
@@ -523,7 +526,9 @@ def main(argv: list[str] | None = None):
         opt = resolve_resume(opt)
     elif opt.evolve and opt.resume:
         raise UserError("--resume cannot be combined with --evolve")
+    check_loader_args(opt.batch_size, opt.workers, opt.quad)
     if not opt.resume:
+        check_writable(opt.project)
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
         if not opt.cfg and not opt.weights:
             raise UserError("either --cfg or --weights must be given")

@@ -46,10 +46,35 @@ def parse_names(names) -> dict[int, str] | None:
             except (ValueError, SyntaxError):
                 return None
     if isinstance(names, dict):
-        return {int(k): str(v) for k, v in names.items()}
+        try:
+            return {int(k): str(v) for k, v in names.items()}
+        except (TypeError, ValueError):
+            bad = next(k for k in names if not _is_int(k))
+            raise UserError(f"class names in the weights' metadata must be keyed by integers, got key {str(bad)[:40]!r}") from None
     if isinstance(names, (list, tuple)):
         return {i: str(v) for i, v in enumerate(names)}
     return None
+
+
+def _is_int(k) -> bool:
+    try:
+        int(k)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _meta_int(meta: dict, key: str, default: int, lo: int, hi: int) -> int:
+    """An integer metadata field within [lo, hi]; anything else ('abc', 0, nan) is a one-line UserError."""
+    v = meta.get(key, default)
+    try:
+        f = float(v)
+        ok = f == int(f) and lo <= f <= hi
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise UserError(f"the weights' metadata has {key}={str(v)[:40]!r}; expected an integer from {lo} to {hi}")
+    return int(f)
 
 
 def _as_bool(v) -> bool:
@@ -130,7 +155,7 @@ class DetectMultiBackend(nn.Module):
         else:
             names, stride = self._load_openvino(w)
         self.stride = int(stride)
-        self.names = names or {i: str(i) for i in range(int(self.metadata.get("nc", 80)))}
+        self.names = names or {i: str(i) for i in range(_meta_int(self.metadata, "nc", 80, 1, 100000))}
         if data and data.get("names") and self.names == {i: str(i) for i in range(len(self.names))}:
             self.names = {int(k): v for k, v in data["names"].items()}
 
@@ -144,10 +169,13 @@ class DetectMultiBackend(nn.Module):
             self.fixed_imgsz = _static_hw(input_shape)
             self.batch = input_shape[0] if isinstance(input_shape[0], int) and input_shape[0] > 0 else None
         elif imgsz and not dynamic:  # TorchScript: no shape in the graph, trust what was exported
-            self.fixed_imgsz = (int(imgsz[0]), int(imgsz[-1]))
-            b = meta.get("batch") or (meta["shape"][0] if meta.get("shape") else None)
-            self.batch = int(b) if b else None
-        return parse_names(meta.get("names")), int(float(meta.get("stride", 32)))
+            try:
+                self.fixed_imgsz = (int(imgsz[0]), int(imgsz[-1]))
+                b = meta.get("batch") or (meta["shape"][0] if meta.get("shape") else None)
+                self.batch = int(b) if b else None
+            except (TypeError, ValueError, IndexError, KeyError):
+                raise UserError(f"the weights' metadata has an unreadable imgsz/batch ({str(imgsz)[:40]})") from None
+        return parse_names(meta.get("names")), _meta_int(meta, "stride", 32, 1, 1024)
 
     def _load_torchscript(self, w: Path):
         extra = {"config.txt": ""}
