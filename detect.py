@@ -25,7 +25,7 @@ from utils.annotator import Annotator, colors  # noqa: E402
 from utils.boxes import scale_boxes, xyxy2xywh, yolo_label_lines  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.checks import check_line_thickness, check_thresholds  # noqa: E402
-from utils.files import append_text, check_writable, increment_path, open_video_writer, safe_name, write_image  # noqa: E402
+from utils.files import append_text, check_writable, claim_run_dir, increment_path, open_video_writer, safe_name, write_image  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.sources import VID_FORMATS, LoadImages, LoadStreams, is_stream  # noqa: E402
 from utils.torch_utils import check_img_size, select_device, time_sync  # noqa: E402
@@ -121,6 +121,7 @@ def run(
     model.warmup(imgsz=(1, 3, *imgsz))
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # made only once inputs are known good
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    claim_run_dir(save_dir)
 
     seen, dt = 0, [0.0, 0.0, 0.0]
     results = []

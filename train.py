@@ -38,7 +38,7 @@ from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.checks import check_freeze, check_loader_args, check_resume_nc  # noqa: E402
-from utils.files import check_writable, increment_path  # noqa: E402
+from utils.files import check_writable, claim_run_dir, increment_path  # noqa: E402
 from utils.logging import RESULT_KEYS, ResultsLogger, colorstr  # noqa: E402
 from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
@@ -112,6 +112,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     main_rank = RANK in {-1, 0}
     if main_rank:
         w.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(save_dir)  # before anything is written: a second live run into this folder is refused
         (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
         (save_dir / "opt.yaml").write_text(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()}, sort_keys=False))
     print(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))

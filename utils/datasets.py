@@ -32,6 +32,7 @@ from utils.augmentations import (
     segments2boxes,
 )
 from utils.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
+from utils.checks import check_loader_args
 from utils.errors import UserError
 from utils.sources import IMG_FORMATS, TRUNCATED_JPEG, check_jpeg
 from utils.torch_utils import torch_distributed_zero_first
@@ -789,6 +790,7 @@ def create_dataloader(
     min_items: int = 0,
 ) -> tuple[DataLoader, LoadImagesAndLabels]:
     """Dataset plus a DataLoader with seeded, persistent workers (DistributedSampler under DDP)."""
+    check_loader_args(batch_size, workers, quad)
     if rect and shuffle:
         print(f"{prefix}WARNING: --rect is incompatible with shuffling, not shuffling")
         shuffle = False

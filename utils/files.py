@@ -109,3 +109,44 @@ def open_video_writer(path: str | Path, fps: float, size: tuple[int, int]) -> cv
     if not w.isOpened():
         raise UserError(f"cannot write video {path} (disk full, read-only folder or no mp4v encoder)")
     return w
+
+
+_claimed: set[Path] = set()
+
+
+def claim_run_dir(save_dir: str | Path) -> None:
+    """Refuse a second live run writing into the same folder (two `--name x --exist-ok` at once would
+    interleave results.csv and labels silently). A lock file holds the owner's pid; a lock left by a
+    process that has died is taken over; the same process may claim a folder again."""
+    import atexit
+
+    lock = Path(save_dir) / ".run.lock"
+    try:
+        pid = int(lock.read_text().strip() or 0)
+    except (OSError, ValueError):
+        pid = 0
+    if pid and pid != os.getpid() and _alive(pid):
+        raise UserError(f"another run (pid {pid}) is writing into {save_dir} right now; wait for it to finish "
+                        f"or choose another --name")
+    write_bytes(lock, str(os.getpid()).encode())
+    if lock not in _claimed:
+        _claimed.add(lock)
+        atexit.register(_release, lock)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _release(lock: Path) -> None:
+    try:
+        if lock.read_text().strip() == str(os.getpid()):
+            lock.unlink()
+    except OSError:
+        pass

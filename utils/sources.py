@@ -300,6 +300,7 @@ class LoadStreams:
         self.img_size, self.stride, self.auto, self.vid_stride = img_size, stride, auto, max(int(vid_stride), 1)
         n = len(srcs)
         self.imgs, self.fps, self.frames, self.threads = [None] * n, [0.0] * n, [0] * n, [None] * n
+        self.seq, self.last = [1] * n, [0] * n  # frames received / frames handed out, per stream
         self.running = True
         for i, s in enumerate(srcs):
             cap = cv2.VideoCapture(int(s) if s.isnumeric() else s)
@@ -325,6 +326,7 @@ class LoadStreams:
                 ok, im = cap.retrieve()
                 if ok:
                     self.imgs[i] = im
+                    self.seq[i] += 1
                 else:
                     print(f"WARNING: stream {self.sources[i]} stopped answering")
                     self.imgs[i] = None
@@ -338,13 +340,29 @@ class LoadStreams:
 
     def __next__(self):
         self.count += 1
-        if not all(t.is_alive() for t in self.threads) or any(im is None for im in self.imgs):
-            self.running = False
-            raise StopIteration
+        self._wait_for_new_frames()
+        self.last = list(self.seq)
         im0 = [im.copy() for im in self.imgs]
         ims = [letterbox(x, self.img_size, stride=self.stride, auto=self.auto)[0] for x in im0]
         im = np.ascontiguousarray(np.stack(ims).transpose((0, 3, 1, 2))[:, ::-1])
         return self.sources, im, im0, None, ""
+
+    def _wait_for_new_frames(self) -> None:
+        """Block until every stream has a frame not yet handed out; a stream silent for `timeout`
+        seconds ends the run with one line (re-processing its last frame would repeat old results)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if not all(t.is_alive() for t in self.threads) or any(im is None for im in self.imgs):
+                self.running = False
+                raise StopIteration
+            if all(s > last for s, last in zip(self.seq, self.last)):
+                return
+            if time.monotonic() > deadline:
+                stalled = [src for src, s, last in zip(self.sources, self.seq, self.last) if s <= last]
+                print(f"WARNING: stream {', '.join(stalled)} sent no new frame for {self.timeout:g}s; stopping")
+                self.running = False
+                raise StopIteration
+            time.sleep(0.002)
 
     def __len__(self) -> int:
         return len(self.sources)
