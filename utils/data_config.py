@@ -166,8 +166,12 @@ def run_download_step(step: str, data: dict, source: str = "dataset yaml") -> No
     root = Path(data["path"]).parent
     if step.startswith(("http://", "https://")) and step.split("?")[0].endswith(".zip"):
         download([step], root, unzip=True, delete=True)
-    elif step.startswith("bash "):  # 'bash script.sh' and YOLOv5's "bash -c '...'" both run as written
-        r = subprocess.run(step, shell=True, cwd=ROOT)
+    elif step.startswith("bash "):
+        rest = step[5:].strip()
+        first = rest.split()[0] if rest else ""
+        # YOLOv5's "bash -c '...'" and "bash script.sh" run through bash as written; "bash <command>" runs the command
+        cmd = step if first.startswith("-") or (ROOT / first).is_file() or Path(first).is_file() else rest
+        r = subprocess.run(cmd, shell=True, cwd=ROOT)
         if r.returncode:
             raise UserError(f"{source}: download command failed with exit status {r.returncode}")
     else:
