@@ -151,6 +151,14 @@ def _check_head(nc, gd, gw, anchors) -> None:
         raise UserError("model config: anchors must be a number of anchors per level or lists of w,h pairs")
 
 
+def _layer_rows(d: dict) -> list:
+    """backbone + head rows, each [from, number, module, args], or a UserError saying the shape is wrong."""
+    rows = (d["backbone"] or []) + (d["head"] or []) if isinstance(d["backbone"], list) and isinstance(d["head"] or [], list) else None
+    if not rows or not all(isinstance(x, (list, tuple)) and len(x) == 4 and isinstance(x[3], list) for x in rows):
+        raise UserError("model config: backbone and head must be lists of [from, number, module, args] rows")
+    return rows
+
+
 def _build_layer(mod, args: list, n: int, kw: dict, params_so_far: int, c_max: int) -> tuple[nn.Module, int]:
     """Build n copies of a layer, first on the meta device (no memory) when it might be large, so its
     parameters are counted against the limit before any is allocated: a tiny file must not be able
@@ -191,9 +199,7 @@ def parse_model(d: dict, ch: list[int], verbose: bool = True) -> tuple[nn.Sequen
     if verbose:
         print(f"\n{'':>3}{'from':>18}{'n':>3}{'params':>10}  {'module':<40}{'arguments':<30}")
     layers, save, c2 = [], [], ch[-1]
-    layers_cfg = (d["backbone"] or []) + (d["head"] or []) if isinstance(d["backbone"], list) and isinstance(d["head"] or [], list) else None
-    if not layers_cfg or not all(isinstance(x, (list, tuple)) and len(x) == 4 and isinstance(x[3], list) for x in layers_cfg):
-        raise UserError("model config: backbone and head must be lists of [from, number, module, args] rows")
+    layers_cfg = _layer_rows(d)
     i = 0
     try:
         for i, (f, n, m, args) in enumerate(layers_cfg):
