@@ -24,7 +24,8 @@ from models.backends import DetectMultiBackend  # noqa: E402
 from utils.annotator import Annotator, colors  # noqa: E402
 from utils.boxes import scale_boxes, xyxy2xywh, yolo_label_lines  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
-from utils.files import increment_path  # noqa: E402
+from utils.checks import check_line_thickness, check_thresholds  # noqa: E402
+from utils.files import append_text, check_writable, claim_run_dir, increment_path, open_video_writer, safe_name, write_image  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.sources import VID_FORMATS, LoadImages, LoadStreams, is_stream  # noqa: E402
 from utils.torch_utils import check_img_size, select_device, time_sync  # noqa: E402
@@ -52,7 +53,8 @@ def save_one_box(xyxy, im: np.ndarray, file: Path, gain: float = 1.02, pad: int 
     while file.exists():  # several crops of one class in one image
         file = Path(f"{stem}{n}.jpg")
         n += 1
-    cv2.imwrite(str(file), crop)
+    if crop.size:  # a box clipped to nothing has no pixels to save
+        write_image(file, crop)
     return crop
 
 
@@ -86,11 +88,15 @@ def run(
     dnn=False,
     vid_stride=1,
     verbose=True,
+    trust_weights=False,
 ) -> dict:
     """Detect objects in `source`; returns {'save_dir', 'results': [(path, det tensor n x 6 in original pixels)]}."""
     source = str(source)
     save_img = not nosave
     webcam = is_stream(source)
+    check_thresholds(conf_thres, iou_thres, max_det)
+    check_line_thickness(line_thickness)
+    check_writable(project)
 
     device = select_device(device)
     data_dict = None
@@ -98,7 +104,7 @@ def run(
         from utils.data_config import check_dataset
 
         data_dict = check_dataset(data, autodownload=False)
-    model = DetectMultiBackend(weights, device=device, fp16=half, data=data_dict)
+    model = DetectMultiBackend(weights, device=device, fp16=half, data=data_dict, trust_weights=trust_weights)
     stride, names = model.stride, model.names
     imgsz = check_img_size(imgsz, stride)
     imgsz = imgsz * 2 if len(imgsz) == 1 else imgsz
@@ -119,6 +125,7 @@ def run(
     model.warmup(imgsz=(1, 3, *imgsz))
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # made only once inputs are known good
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    claim_run_dir(save_dir)
 
     seen, dt = 0, [0.0, 0.0, 0.0]
     results = []
@@ -160,8 +167,7 @@ def run(
             if save_txt:
                 lines = yolo_label_lines(det.cpu().flip(0), im0.shape, save_conf)  # ascending confidence, as YOLOv5
                 if lines:
-                    with open(f"{txt_path}.txt", "a") as f:
-                        f.write("\n".join(lines) + "\n")
+                    append_text(f"{txt_path}.txt", "\n".join(lines) + "\n")
             annotator = Annotator(im0, line_width=line_thickness)
             if save_img or save_crop or view_img:
                 for *xyxy, conf, cls in reversed(det.tolist()):
@@ -170,7 +176,7 @@ def run(
                         label = None if hide_labels else (names[c] if hide_conf else f"{names[c]} {conf:.2f}")
                         annotator.box_label(xyxy, label or "", color=colors(c, bgr=True))
                     if save_crop:
-                        save_one_box(xyxy, im0s[i] if webcam else im0s, save_dir / "crops" / names[c] / f"{p.stem}.jpg")
+                        save_one_box(xyxy, im0s[i] if webcam else im0s, save_dir / "crops" / safe_name(names[c]) / f"{p.stem}.jpg")
             im0 = annotator.result()
             if view_img:
                 try:
@@ -181,7 +187,7 @@ def run(
                     view_img = False
             if save_img:
                 if not is_video:
-                    cv2.imwrite(save_path, im0)
+                    write_image(save_path, im0)
                 else:
                     if save_path not in writers:
                         for w in writers.values():
@@ -190,7 +196,7 @@ def run(
                         fps = cap.get(cv2.CAP_PROP_FPS) if cap is not None else dataset.fps[i]
                         h, w = im0.shape[:2]
                         save_path = str(Path(save_path).with_suffix(".mp4"))
-                        writers[str(save_dir / p.name)] = cv2.VideoWriter(save_path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                        writers[str(save_dir / p.name)] = open_video_writer(save_path, fps, (w, h))
                     writers[str(save_dir / p.name)].write(im0)
 
         if verbose:
@@ -249,6 +255,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hide-conf", default=False, action="store_true", help="hide confidences")
     parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
     parser.add_argument("--vid-stride", type=int, default=1, help="video frame-rate stride")
+    parser.add_argument("--trust-weights", action="store_true", help="allow TorchScript weights (loading them runs their code)")
     opt = parser.parse_args(argv)
     if isinstance(opt.weights, list) and len(opt.weights) == 1:
         opt.weights = opt.weights[0]

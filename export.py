@@ -281,7 +281,7 @@ def run(
 def check_export(f: Path, reference, imgsz, stride, batch, dynamic, image, device, tol: dict) -> bool:
     """Reload an export, run it on a letterboxed image, compare with the PyTorch model; print the differences."""
     try:
-        backend = DetectMultiBackend(f, device=device)
+        backend = DetectMultiBackend(f, device=device, trust_weights=True)  # the file this run just wrote
         x = check_input(imgsz, stride, batch, dynamic, image).to(device)
         y = backend(x)
         ref = reference(x)[0]

@@ -65,16 +65,19 @@ def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int 
     return _wrap(model, autoshape, verbose).to(dev)
 
 
-def custom(path: str = "path/to/model.pt", autoshape: bool = True, _verbose: bool = True, device=None):
-    """Weights in any supported format (.pt, .torchscript, .onnx, OpenVINO folder)."""
+def custom(path: str = "path/to/model.pt", autoshape: bool = True, _verbose: bool = True, device=None,
+           trust_weights: bool = False):
+    """Weights in any supported format (.pt, .torchscript, .onnx, OpenVINO folder).
+
+    TorchScript runs code stored in the file when loaded: refused unless trust_weights=True."""
     from models.backends import DetectMultiBackend
     from utils.checkpoints import load_model
 
     dev = _device(device)
     if autoshape:
-        return _wrap(DetectMultiBackend(path, device=dev, fuse=True), True, _verbose)
+        return _wrap(DetectMultiBackend(path, device=dev, fuse=True, trust_weights=trust_weights), True, _verbose)
     if not str(path).endswith(".pt"):
-        return DetectMultiBackend(path, device=dev, fuse=False)
+        return DetectMultiBackend(path, device=dev, fuse=False, trust_weights=trust_weights)
     return load_model(path, device=dev, fuse=False)
 
 

@@ -38,7 +38,8 @@ from utils.checkpoints import atomic_save, make_checkpoint, read_checkpoint, res
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
-from utils.files import increment_path  # noqa: E402
+from utils.checks import check_freeze, check_loader_args, check_resume_nc  # noqa: E402
+from utils.files import check_writable, claim_run_dir, increment_path  # noqa: E402
 from utils.logging import RESULT_KEYS, ResultsLogger, WarningsOnly, colorstr  # noqa: E402
 from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
@@ -89,6 +90,7 @@ def build_model(opt: argparse.Namespace, hyp: dict, nc: int, device: torch.devic
     from plain weights transferred exactly into an SPD config."""
     verbose = RANK in {-1, 0}
     if resume_ckpt is not None:
+        check_resume_nc(resume_ckpt["cfg"].get("nc", nc), nc, opt.weights, opt.data)
         model = Model(resume_ckpt["cfg"], ch=3, nc=nc, verbose=verbose).to(device)
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in resume_ckpt["model"].items()})
         return model
@@ -127,6 +129,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     main_rank = RANK in {-1, 0}
     if main_rank:
         w.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(save_dir)  # before anything is written: a second live run into this folder is refused
         (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
         save_opt(save_dir, opt)
     print(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
@@ -143,6 +146,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     model = build_model(opt, hyp, nc, device, resume_ckpt)
     amp = device.type == "cuda"
 
+    check_freeze(opt.freeze, len(model.model))
     freeze = [f"model.{x}." for x in (opt.freeze if len(opt.freeze) > 1 else range(opt.freeze[0]))]
     for k, v in model.named_parameters():
         v.requires_grad = True
@@ -580,7 +584,9 @@ def main(argv: list[str] | None = None):
         opt = resolve_resume(opt)
     elif opt.evolve and opt.resume:
         raise UserError("--resume cannot be combined with --evolve")
+    check_loader_args(opt.batch_size, opt.workers, opt.quad)
     if not opt.resume:
+        check_writable(opt.project)
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
         if not opt.cfg and not str(opt.weights).strip():
             if is_demo_run(opt):

@@ -26,7 +26,8 @@ from utils.coco import append_predictions, coco80_to_coco91_class, run_pycocotoo
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
-from utils.files import increment_path  # noqa: E402
+from utils.checks import check_thresholds, check_workers  # noqa: E402
+from utils.files import append_text, check_writable, increment_path  # noqa: E402
 from utils.metrics import COCOStyleEvaluator, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.plots import plot_images  # noqa: E402
@@ -76,6 +77,7 @@ def run(
     save_dir=Path(""),
     plots=True,
     compute_loss=None,
+    trust_weights=False,
 ):
     """Evaluate; returns ((P, R, mAP50, mAP50-95, APs, APm, APl, *val_losses), per-class mAP50-95, (pre, inf, nms) ms).
 
@@ -95,10 +97,14 @@ def run(
             raise UserError(f"--task must be one of {TASKS}, got '{task}'")
         if weights is None:
             raise UserError("--weights is required")
+        check_thresholds(conf_thres, iou_thres, max_det)
+        check_workers(workers)
+        check_writable(project)
         device = select_device(device, batch_size=batch_size)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
         data = check_dataset(data)
-        model = DetectMultiBackend(weights, device=device, fp16=half and device.type != "cpu", data=data)
+        model = DetectMultiBackend(weights, device=device, fp16=half and device.type != "cpu", data=data,
+                                   trust_weights=trust_weights)
         half = model.fp16
         stride, names = model.stride, dict(model.names)
         pt = model.fixed_imgsz is None  # rectangular batches for any format that accepts any shape
@@ -207,8 +213,8 @@ def run(
             coco_eval.update(len(coco_eval), predn[:, :4], predn[:, 4], predn[:, 5], labelsn[:, 1:], labelsn[:, 0])
 
             if save_txt:
-                with open(save_dir / "labels" / f"{path.stem}.txt", "a") as f:
-                    f.writelines(line + "\n" for line in yolo_label_lines(predn.cpu(), shape, save_conf))
+                append_text(save_dir / "labels" / f"{path.stem}.txt",
+                            "".join(line + "\n" for line in yolo_label_lines(predn.cpu(), shape, save_conf)))
             if save_json:
                 append_predictions(jdict, predn, path, class_map)
 
@@ -307,6 +313,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="exp", help="save to project/name")
     parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
+    parser.add_argument("--trust-weights", action="store_true", help="allow TorchScript weights (loading them runs their code)")
     opt = parser.parse_args(argv)
     opt.save_txt |= opt.save_hybrid
     if opt.batch_size is not None and opt.batch_size < 1:

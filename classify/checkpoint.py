@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from models.resnet import MODEL_NAMES, ResNet, build_model, transfer_weights
+from utils.checkpoints import not_a_checkpoint_reason
 from utils.errors import UserError
 
 FORMAT = "yolov5-spd-classifier"
@@ -72,8 +73,8 @@ def read_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(_unpickling_message(path, e)) from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    except Exception as e:  # EOFError (empty file), KeyError (text read as a pickle), zip errors, ...
+        raise UserError(f"{path} is not a readable checkpoint ({not_a_checkpoint_reason(path, e)})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or ckpt.get("model") not in MODEL_NAMES:
         raise UserError(
             f"{path} is not a classifier checkpoint from classify/train.py "
@@ -134,8 +135,8 @@ def load_pretrained(model: nn.Module, source: str) -> str:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise UserError(_unpickling_message(path, e)) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise UserError(f"{path} is not a readable weights file ({type(e).__name__})") from None
+        except Exception as e:
+            raise UserError(f"{path} is not a readable weights file ({not_a_checkpoint_reason(path, e)})") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):

@@ -96,6 +96,9 @@ def _fit(imgsz: int) -> v2.Transform:
     def fit(x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) == (imgsz, imgsz):
             return x
+        h, w = x.shape[-2:]
+        if max(h, w) > 4 * min(h, w):  # a 20000x20 strip: crop the kept square first, never resize the whole strip
+            x = v2.functional.center_crop(x, [min(h, w), min(h, w)])
         return v2.functional.center_crop(v2.functional.resize(x, imgsz, antialias=True), [imgsz, imgsz])
 
     return v2.Lambda(fit)
@@ -151,12 +154,15 @@ class ClassificationDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
         im, why = read_image(path)  # also refuses truncated JPEGs, which OpenCV would pad with grey
-        if im is None:
-            if not self.unreadable[i]:
-                self.unreadable[i] = True
-                print(f"WARNING: skipping unreadable image {path}: {why}", file=sys.stderr)
-            return torch.zeros(3, self.imgsz, self.imgsz), -1
-        return self.transform(bgr_to_tensor(im)), label
+        if im is not None:
+            try:
+                return self.transform(bgr_to_tensor(im)), label
+            except (RuntimeError, ValueError, MemoryError) as e:  # one odd image must not end the run
+                why = f"cannot be resized ({type(e).__name__})"
+        if not self.unreadable[i]:
+            self.unreadable[i] = True
+            print(f"WARNING: skipping unreadable image {path}: {why}", file=sys.stderr)
+        return torch.zeros(3, self.imgsz, self.imgsz), -1
 
     def summarise(self) -> None:
         """After a full pass: one line counting the skipped files, or an error if none could be read."""

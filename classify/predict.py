@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from classify.checkpoint import load_classifier  # noqa: E402
 from classify.data import preprocess  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
-from utils.files import increment_path  # noqa: E402
+from utils.files import increment_path, open_video_writer, write_bytes, write_image  # noqa: E402
 from utils.sources import LoadImages  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
@@ -106,17 +106,17 @@ def run(
         frame = getattr(dataset, "frame", 0)
         if save_txt:
             stem = p.stem if cap is None else f"{p.stem}_{frame}"
-            (save_dir / "labels" / f"{stem}.txt").write_text("".join(f"{c:.4f} {n}\n" for n, c in top))
+            write_bytes(save_dir / "labels" / f"{stem}.txt", "".join(f"{c:.4f} {n}\n" for n, c in top).encode())
         if not save_img:
             continue
         out = annotate(im0, top)
         if cap is None:
-            cv2.imwrite(str(save_dir / p.name), out)
+            write_image(save_dir / p.name, out)
         else:
             key = str(save_dir / p.with_suffix(".mp4").name)
             if key not in writers:
                 fps = (cap.get(cv2.CAP_PROP_FPS) or 30.0) / max(vid_stride, 1)
-                writers[key] = cv2.VideoWriter(key, cv2.VideoWriter_fourcc(*"mp4v"), fps, (out.shape[1], out.shape[0]))
+                writers[key] = open_video_writer(key, fps, (out.shape[1], out.shape[0]))
             writers[key].write(out)
     for w in writers.values():
         w.release()

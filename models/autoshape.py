@@ -25,7 +25,7 @@ from utils.annotator import Annotator, colors
 from utils.augmentations import letterbox
 from utils.boxes import scale_boxes, xyxy2xywh
 from utils.errors import UserError
-from utils.files import increment_path
+from utils.files import increment_path, safe_name, write_image
 from utils.nms import non_max_suppression
 
 
@@ -198,7 +198,7 @@ class Detections:
         """Write the annotated images to save_dir (incremented unless exist_ok); returns the folder."""
         save_dir = increment_path(save_dir, exist_ok=exist_ok, mkdir=True)
         for i in range(self.n):
-            cv2.imwrite(str(save_dir / self.files[i]), self._annotated(i, labels)[..., ::-1])
+            write_image(save_dir / safe_name(self.files[i]), self._annotated(i, labels)[..., ::-1])
         print(f"Saved {self.n} image{'s' * (self.n > 1)} to {save_dir}")
         return save_dir
 
@@ -219,9 +219,9 @@ class Detections:
                 label = f"{self.names.get(c, c)} {conf:.2f}"
                 entry = {"box": box, "conf": conf, "cls": c, "label": label, "im": crop, "image": i}
                 if save_dir is not None and crop.size:
-                    f = save_dir / "crops" / str(self.names.get(c, c)) / f"{Path(self.files[i]).stem}_{j}.jpg"
+                    f = save_dir / "crops" / safe_name(self.names.get(c, c)) / f"{safe_name(Path(self.files[i]).stem)}_{j}.jpg"
                     f.parent.mkdir(parents=True, exist_ok=True)
-                    cv2.imwrite(str(f), crop[..., ::-1])
+                    write_image(f, crop[..., ::-1])
                     entry["file"] = f
                 crops.append(entry)
         if save_dir is not None:

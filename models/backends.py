@@ -5,7 +5,8 @@ predictions whatever the format; names, stride and a fixed input size (for fixed
 travel inside the exported file:
 
     .pt                      PyTorch checkpoint (official YOLOv5 or this project's)
-    .torchscript             TorchScript (metadata in the archive's extra file config.txt)
+    .torchscript             TorchScript (metadata in the archive's extra file config.txt); loading one runs
+                             code stored in the file, so it is refused unless trust_weights=True
     .onnx                    ONNX Runtime (metadata in the model's metadata_props)
     *_openvino_model/, .xml  OpenVINO IR (metadata.yaml beside the .xml)
 """
@@ -25,6 +26,11 @@ from utils.checkpoints import load_model, resolve_weights
 from utils.errors import UserError
 
 SUFFIXES = (".pt", ".torchscript", ".onnx", "_openvino_model/ or .xml")
+# torch.jit.load runs the archive's own scripted code (e.g. a __setstate__), which can read and write
+# files: there is no weights_only mode for TorchScript, so only the user can vouch for such a file.
+TORCHSCRIPT_REFUSED = ("refusing to load {w}: loading a TorchScript file runs code stored inside it; "
+                       "pass --trust-weights (torch.hub: trust_weights=True) only if you made this file "
+                       "or trust whoever did, or use the .pt or .onnx weights instead")
 
 
 def parse_names(names) -> dict[int, str] | None:
@@ -40,10 +46,35 @@ def parse_names(names) -> dict[int, str] | None:
             except (ValueError, SyntaxError):
                 return None
     if isinstance(names, dict):
-        return {int(k): str(v) for k, v in names.items()}
+        try:
+            return {int(k): str(v) for k, v in names.items()}
+        except (TypeError, ValueError):
+            bad = next(k for k in names if not _is_int(k))
+            raise UserError(f"class names in the weights' metadata must be keyed by integers, got key {str(bad)[:40]!r}") from None
     if isinstance(names, (list, tuple)):
         return {i: str(v) for i, v in enumerate(names)}
     return None
+
+
+def _is_int(k) -> bool:
+    try:
+        int(k)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _meta_int(meta: dict, key: str, default: int, lo: int, hi: int) -> int:
+    """An integer metadata field within [lo, hi]; anything else ('abc', 0, nan) is a one-line UserError."""
+    v = meta.get(key, default)
+    try:
+        f = float(v)
+        ok = f == int(f) and lo <= f <= hi
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise UserError(f"the weights' metadata has {key}={str(v)[:40]!r}; expected an integer from {lo} to {hi}")
+    return int(f)
 
 
 def _as_bool(v) -> bool:
@@ -85,7 +116,7 @@ class DetectMultiBackend(nn.Module):
     """Decoded detections from .pt, TorchScript, ONNX Runtime or OpenVINO weights."""
 
     def __init__(self, weights: str | Path = "yolov5s.pt", device: torch.device = torch.device("cpu"),
-                 fp16: bool = False, fuse: bool = True, data: dict | None = None):
+                 fp16: bool = False, fuse: bool = True, data: dict | None = None, trust_weights: bool = False):
         super().__init__()
         w = Path(str(weights[0] if isinstance(weights, (list, tuple)) else weights))
         self.format = weights_format(w)
@@ -116,13 +147,15 @@ class DetectMultiBackend(nn.Module):
                 self.model.half()
             stride, names = int(self.model.stride.max()), dict(self.model.names)
         elif self.jit:
+            if not trust_weights:
+                raise UserError(TORCHSCRIPT_REFUSED.format(w=w))
             names, stride = self._load_torchscript(w)
         elif self.onnx:
             names, stride = self._load_onnx(w)
         else:
             names, stride = self._load_openvino(w)
         self.stride = int(stride)
-        self.names = names or {i: str(i) for i in range(int(self.metadata.get("nc", 80)))}
+        self.names = names or {i: str(i) for i in range(_meta_int(self.metadata, "nc", 80, 1, 100000))}
         if data and data.get("names") and self.names == {i: str(i) for i in range(len(self.names))}:
             self.names = {int(k): v for k, v in data["names"].items()}
 
@@ -136,10 +169,13 @@ class DetectMultiBackend(nn.Module):
             self.fixed_imgsz = _static_hw(input_shape)
             self.batch = input_shape[0] if isinstance(input_shape[0], int) and input_shape[0] > 0 else None
         elif imgsz and not dynamic:  # TorchScript: no shape in the graph, trust what was exported
-            self.fixed_imgsz = (int(imgsz[0]), int(imgsz[-1]))
-            b = meta.get("batch") or (meta["shape"][0] if meta.get("shape") else None)
-            self.batch = int(b) if b else None
-        return parse_names(meta.get("names")), int(float(meta.get("stride", 32)))
+            try:
+                self.fixed_imgsz = (int(imgsz[0]), int(imgsz[-1]))
+                b = meta.get("batch") or (meta["shape"][0] if meta.get("shape") else None)
+                self.batch = int(b) if b else None
+            except (TypeError, ValueError, IndexError, KeyError):
+                raise UserError(f"the weights' metadata has an unreadable imgsz/batch ({str(imgsz)[:40]})") from None
+        return parse_names(meta.get("names")), _meta_int(meta, "stride", 32, 1, 1024)
 
     def _load_torchscript(self, w: Path):
         extra = {"config.txt": ""}

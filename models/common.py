@@ -21,21 +21,29 @@ def autopad(k: int | tuple, p: int | tuple | None = None, d: int = 1) -> int | l
     return p
 
 
-class Conv(nn.Module):
-    """Conv2d -> BatchNorm2d -> SiLU. After `fuse()` the BN is folded into the conv (forward_fuse)."""
+def make_act(act=True) -> nn.Module:
+    """The activation a block asked for: True -> SiLU (YOLOv5's default), a module as given, a class
+    or factory (timm's act_layer style, e.g. nn.ReLU or `lambda: nn.LeakyReLU(0.1)`) -> a new instance
+    per layer, False/None -> Identity. Passed explicitly so one config's choice never leaks into the next."""
+    if act is True:
+        return nn.SiLU()
+    if isinstance(act, nn.Module):
+        return act
+    if callable(act):
+        return act()
+    return nn.Identity()
 
-    default_act = nn.SiLU()
+
+class Conv(nn.Module):
+    """Conv2d -> BatchNorm2d -> SiLU (or `act`). After `fuse()` the BN is folded into the conv (forward_fuse)."""
+
+    default_act = nn.SiLU()  # YOLOv5's name; read by nothing here (the act argument decides)
 
     def __init__(self, c1: int, c2: int, k=1, s=1, p=None, g=1, d=1, act=True):
         super().__init__()
         self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, p, d), groups=g, dilation=d, bias=False)
         self.bn = nn.BatchNorm2d(c2)
-        if act is True:
-            self.act = nn.SiLU()
-        elif isinstance(act, nn.Module):
-            self.act = act
-        else:
-            self.act = nn.Identity()
+        self.act = make_act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
@@ -54,11 +62,11 @@ class DWConv(Conv):
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 expand, optional residual when the channel counts allow it."""
 
-    def __init__(self, c1: int, c2: int, shortcut=True, g=1, e=0.5):
+    def __init__(self, c1: int, c2: int, shortcut=True, g=1, e=0.5, act=True):
         super().__init__()
         c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c_, c2, 3, 1, g=g)
+        self.cv1 = Conv(c1, c_, 1, 1, act=act)
+        self.cv2 = Conv(c_, c2, 3, 1, g=g, act=act)
         self.add = shortcut and c1 == c2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,13 +77,13 @@ class Bottleneck(nn.Module):
 class C3(nn.Module):
     """CSP bottleneck with three convolutions: two 1x1 branches, n bottlenecks on one, 1x1 merge."""
 
-    def __init__(self, c1: int, c2: int, n=1, shortcut=True, g=1, e=0.5):
+    def __init__(self, c1: int, c2: int, n=1, shortcut=True, g=1, e=0.5, act=True):
         super().__init__()
         c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c1, c_, 1, 1)
-        self.cv3 = Conv(2 * c_, c2, 1)
-        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, g, e=1.0) for _ in range(n)))
+        self.cv1 = Conv(c1, c_, 1, 1, act=act)
+        self.cv2 = Conv(c1, c_, 1, 1, act=act)
+        self.cv3 = Conv(2 * c_, c2, 1, act=act)
+        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, g, e=1.0, act=act) for _ in range(n)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
@@ -84,11 +92,11 @@ class C3(nn.Module):
 class SPP(nn.Module):
     """Spatial pyramid pooling with parallel max-pools of several sizes."""
 
-    def __init__(self, c1: int, c2: int, k=(5, 9, 13)):
+    def __init__(self, c1: int, c2: int, k=(5, 9, 13), act=True):
         super().__init__()
         c_ = c1 // 2
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c_ * (len(k) + 1), c2, 1, 1)
+        self.cv1 = Conv(c1, c_, 1, 1, act=act)
+        self.cv2 = Conv(c_ * (len(k) + 1), c2, 1, 1, act=act)
         self.m = nn.ModuleList(nn.MaxPool2d(kernel_size=x, stride=1, padding=x // 2) for x in k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,11 +109,11 @@ class SPP(nn.Module):
 class SPPF(nn.Module):
     """SPP-Fast: one max-pool applied three times in series equals SPP(5, 9, 13), cheaper."""
 
-    def __init__(self, c1: int, c2: int, k=5):
+    def __init__(self, c1: int, c2: int, k=5, act=True):
         super().__init__()
         c_ = c1 // 2
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c_ * 4, c2, 1, 1)
+        self.cv1 = Conv(c1, c_, 1, 1, act=act)
+        self.cv2 = Conv(c_ * 4, c2, 1, 1, act=act)
         self.m = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -402,8 +402,11 @@ def transfer_checkpoint(
         raise UserError(f"{_name(spd, 'the target config')} has no space_to_depth layer: it is not an SPD config")
     if nc is not None:
         spd["nc"] = int(nc)
-    new_nc = int(spd["nc"]) != int(plain["nc"])
-    state = transfer_state_dict(info["state_dict"], plain, spd, allow_new_nc=nc is not None)
+    try:
+        new_nc = int(spd["nc"]) != int(plain["nc"])
+        state = transfer_state_dict(info["state_dict"], plain, spd, allow_new_nc=nc is not None)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:  # a damaged config in the file
+        raise UserError(f"{weights}: its model config is malformed ({type(e).__name__}: {str(e)[:160]})") from None
     total = len(info["state_dict"])
     detect = f"model.{len(_layers(plain)) - 1}.m."
     done = total - sum(k.startswith(detect) for k in info["state_dict"]) if new_nc else total

@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:
 
 from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus, space_to_depth  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.limits import check_limit, limit  # noqa: E402
 from utils.torch_utils import fuse_conv_and_bn, model_info, scale_img  # noqa: E402
 
 MODELS_DIR = Path(__file__).resolve().parent
@@ -134,6 +135,46 @@ def make_divisible(x: float, divisor: int = 8) -> int:
     return int(math.ceil(x / divisor) * divisor)
 
 
+def _check_head(nc, gd, gw, anchors) -> None:
+    """nc, the multiples and the anchors of a config: the right types, within the limits."""
+    if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
+        raise UserError(f"model config: nc must be a positive integer, got {nc!r}")
+    check_limit("channels", nc, f"model config: nc={nc} classes")
+    for key, v in (("depth_multiple", gd), ("width_multiple", gw)):
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise UserError(f"model config: {key} must be a positive number, got {v!r}")
+        check_limit("multiple", v, f"model config: {key} {v}")
+    ok = (isinstance(anchors, int) and not isinstance(anchors, bool) and 0 < anchors <= 16) or (
+        isinstance(anchors, list) and anchors and all(isinstance(a, list) and a and len(a) % 2 == 0 and len(a) <= 32
+                                                       and all(isinstance(x, (int, float)) for x in a) for a in anchors))
+    if not ok:
+        raise UserError("model config: anchors must be a number of anchors per level or lists of w,h pairs")
+
+
+def _layer_rows(d: dict) -> list:
+    """backbone + head rows, each [from, number, module, args], or a UserError saying the shape is wrong."""
+    rows = (d["backbone"] or []) + (d["head"] or []) if isinstance(d["backbone"], list) and isinstance(d["head"] or [], list) else None
+    if not rows or not all(isinstance(x, (list, tuple)) and len(x) == 4 and isinstance(x[3], list) for x in rows):
+        raise UserError("model config: backbone and head must be lists of [from, number, module, args] rows")
+    return rows
+
+
+def _build_layer(mod, args: list, n: int, kw: dict, params_so_far: int, c_max: int) -> tuple[nn.Module, int]:
+    """Build n copies of a layer, first on the meta device (no memory) when it might be large, so its
+    parameters are counted against the limit before any is allocated: a tiny file must not be able
+    to ask for gigabytes."""
+    def make() -> nn.Module:
+        return nn.Sequential(*(mod(*args, **kw) for _ in range(n))) if n > 1 else mod(*args, **kw)
+
+    bound = 16 * 9 * max(n, 1) * max(args[1] if mod is C3 else 1, 1) * c_max**2  # over every block's 3x3/1x1 convs
+    if params_so_far + bound > limit("params"):
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in make().parameters())
+        check_limit("params", params_so_far + n_params, f"the model config's {params_so_far + n_params:,} parameters")
+    m = make()
+    return m, sum(p.numel() for p in m.parameters())
+
+
 def parse_model(d: dict, ch: list[int], verbose: bool = True) -> tuple[nn.Sequential, list[int]]:
     """Build the layer list from a config dict; returns (model, indices of outputs to keep)."""
     unknown = set(d) - CFG_KEYS
@@ -143,11 +184,14 @@ def parse_model(d: dict, ch: list[int], verbose: bool = True) -> tuple[nn.Sequen
         if key not in d:
             raise UserError(f"model config is missing '{key}'")
     anchors, nc, gd, gw = d["anchors"], d["nc"], d["depth_multiple"], d["width_multiple"]
+    _check_head(nc, gd, gw, anchors)
+    total_params = 0
     act = d.get("activation")
+    act_kw = {}
     if act:
         if act not in ACTIVATIONS:
             raise UserError(f"unknown activation '{act}' (known: {list(ACTIVATIONS)})")
-        Conv.default_act = ACTIVATIONS[act]()
+        act_kw = {"act": ACTIVATIONS[act]}  # passed to each block: no class attribute, nothing leaks
     na = (len(anchors[0]) // 2) if isinstance(anchors, list) else anchors
     no = na * (nc + 5)
     names = {"nc": nc, "anchors": anchors, "None": None, "True": True, "False": False}
@@ -155,43 +199,61 @@ def parse_model(d: dict, ch: list[int], verbose: bool = True) -> tuple[nn.Sequen
     if verbose:
         print(f"\n{'':>3}{'from':>18}{'n':>3}{'params':>10}  {'module':<40}{'arguments':<30}")
     layers, save, c2 = [], [], ch[-1]
-    for i, (f, n, m, args) in enumerate(d["backbone"] + d["head"]):
-        if m not in MODULES:
-            raise UserError(f"layer {i}: unknown module '{m}' (known: {sorted(MODULES)})")
-        mod = MODULES[m]
-        args = [names.get(a, a) if isinstance(a, str) else a for a in args]
-        n = n_ = max(round(n * gd), 1) if n > 1 else n
-        if mod in CONV_LIKE:
-            c1, c2 = ch[f], args[0]
-            if c2 != no:
-                c2 = make_divisible(c2 * gw, 8)
-            args = [c1, c2, *args[1:]]
-            if mod is C3:
-                args.insert(2, n)
-                n = 1
-        elif mod is nn.BatchNorm2d:
-            args = [ch[f]]
-        elif mod is Concat:
-            c2 = sum(ch[x] for x in f)
-        elif mod is Detect:
-            args.append([ch[x] for x in f])
-            if isinstance(args[1], int):  # number of anchors per level -> placeholder anchors
-                args[1] = [list(range(args[1] * 2))] * len(f)
-        elif mod is space_to_depth:
-            c2 = 4 * ch[f]
-        else:
-            c2 = ch[f]
+    layers_cfg = _layer_rows(d)
+    i = 0
+    try:
+        for i, (f, n, m, args) in enumerate(layers_cfg):
+            if not isinstance(m, str) or not isinstance(n, int) or not (isinstance(f, int) or
+                                                                       (isinstance(f, list) and all(isinstance(x, int) for x in f))):
+                raise UserError(f"model config layer {i}: expected [from (int or list), number (int), module, args], got {[f, n, m, args]}")
+            if any(not (-1 <= x < i if x >= 0 or x == -1 else -i <= x) for x in ([f] if isinstance(f, int) else f)):
+                raise UserError(f"model config layer {i}: 'from' {f} must name earlier layers (0-{i - 1} or -1)")
+            if m not in MODULES:
+                raise UserError(f"layer {i}: unknown module '{m}' (known: {sorted(MODULES)})")
+            mod = MODULES[m]
+            args = [names.get(a, a) if isinstance(a, str) else a for a in args]
+            n = n_ = max(round(n * gd), 1) if n > 1 else n
+            if mod in CONV_LIKE:
+                c1, c2 = ch[f], args[0]
+                if c2 != no:
+                    c2 = make_divisible(c2 * gw, 8)
+                args = [c1, c2, *args[1:]]
+                if mod is C3:
+                    args.insert(2, n)
+                    n = 1
+            elif mod is nn.BatchNorm2d:
+                args = [ch[f]]
+            elif mod is Concat:
+                c2 = sum(ch[x] for x in f)
+            elif mod is Detect:
+                args.append([ch[x] for x in f])
+                if isinstance(args[1], int):  # number of anchors per level -> placeholder anchors
+                    args[1] = [list(range(args[1] * 2))] * len(f)
+            elif mod is space_to_depth:
+                c2 = 4 * ch[f]
+            else:
+                c2 = ch[f]
 
-        m_ = nn.Sequential(*(mod(*args) for _ in range(n))) if n > 1 else mod(*args)
-        m_.i, m_.f, m_.type = i, f, m
-        m_.np = sum(x.numel() for x in m_.parameters())
-        if verbose:
-            print(f"{i:>3}{str(f):>18}{n_:>3}{m_.np:10.0f}  {m:<40}{str(args):<30}")
-        save.extend(x % i for x in ([f] if isinstance(f, int) else f) if x != -1)
-        layers.append(m_)
-        if i == 0:
-            ch = []
-        ch.append(c2)
+            try:
+                check_limit("repeats", n, f"model config layer {i}: {n} repeats of {m}")
+                check_limit("channels", c2, f"model config layer {i}: {c2} output channels")
+                c_max = max([c2] + [ch[x] for x in ([f] if isinstance(f, int) else f)])
+                m_, n_params = _build_layer(mod, args, n, act_kw if mod in CONV_LIKE else {}, total_params, c_max)
+                total_params += n_params
+            except (TypeError, ValueError, IndexError, KeyError, RuntimeError, ZeroDivisionError) as e:
+                raise UserError(f"model config layer {i}: {m} cannot be built from {args} ({type(e).__name__}: {str(e)[:120]})") from None
+            m_.i, m_.f, m_.type = i, f, m
+            m_.np = sum(x.numel() for x in m_.parameters())
+            if verbose:
+                print(f"{i:>3}{str(f):>18}{n_:>3}{m_.np:10.0f}  {m:<40}{str(args):<30}")
+            save.extend(x % i for x in ([f] if isinstance(f, int) else f) if x != -1)
+            layers.append(m_)
+            if i == 0:
+                ch = []
+            ch.append(c2)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError) as e:
+        # a malformed config reaches layer arithmetic or constructors with values they cannot take
+        raise UserError(f"model config layer {i}: cannot be built ({type(e).__name__}: {str(e)[:120]})") from None
     return nn.Sequential(*layers), sorted(save)
 
 

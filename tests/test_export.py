@@ -203,7 +203,7 @@ def test_dynamic_exports_match_pt(yolov5n_exports):
     x = torch.rand(2, 3, 256, 384)  # another batch and a rectangle: really dynamic
     ref = pt(x)
     for f in files.values():
-        b = DetectMultiBackend(f)
+        b = DetectMultiBackend(f, trust_weights=True)  # our own TorchScript export, vouched for
         assert b.stride == 32 and b.names[0] == "person" and len(b.names) == 80
         assert b.fixed_imgsz is None
         y = b(x)
@@ -219,7 +219,7 @@ def test_detect_with_exports_matches_pt(yolov5n_exports, tmp_path):
     runs = {}
     for f in [w, *files.values()]:
         runs[f.suffix] = detect.run(weights=f, source=IMAGES, imgsz=(320, 320), project=tmp_path, nosave=True,
-                                    verbose=False)["results"]
+                                    verbose=False, trust_weights=True)["results"]
     base = runs[".pt"]
     assert sum(len(d) for _, d in base) > 0
     for suffix, res in runs.items():

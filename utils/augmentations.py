@@ -40,7 +40,8 @@ def letterbox(
         r = min(r, 1.0)
 
     ratio = (r, r)
-    new_unpad = (int(round(shape[1] * r)), int(round(shape[0] * r)))  # (w, h)
+    # at least one pixel per side: a 20000x20 image would otherwise round to zero width and crash cv2.resize
+    new_unpad = (max(int(round(shape[1] * r)), 1), max(int(round(shape[0] * r)), 1))  # (w, h)
     dw, dh = new_w - new_unpad[0], new_h - new_unpad[1]
     if auto:
         dw, dh = np.mod(dw, stride), np.mod(dh, stride)

@@ -65,12 +65,43 @@ def safe_load(path: str | Path) -> dict:
                 f"refusing to load {path}: it names '{bad}', which is not a YOLOv5 model class or tensor type "
                 "(loading it could run arbitrary code)"
             ) from None
-        raise UserError(f"{path} is not a readable checkpoint: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({not_a_checkpoint_reason(path)})") from None
+    except Exception as e:  # EOFError (empty file), KeyError (text read as a pickle), zip errors, ...
+        raise UserError(f"{path} is not a readable checkpoint ({not_a_checkpoint_reason(path, e)})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} does not hold a checkpoint dict (got {type(ckpt).__name__})")
     return ckpt
+
+
+def not_a_checkpoint_reason(path: str | Path, e: BaseException | None = None) -> str:
+    """Why torch.load failed, in words: empty, text (a Git LFS pointer, an HTML error page), or the error."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    if not head:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the weights: run git lfs pull"
+    if b"\0" not in head and all(32 <= c < 127 or c in (9, 10, 13) for c in head):
+        return "it is a text file, not a torch.save file"
+    msg = str(e).strip().splitlines()[0][:200] if e is not None and str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}" if e is not None and msg else (type(e).__name__ if e is not None else "not a torch.save file")
+
+
+def _own_format_problem(ckpt: dict, state) -> str:
+    """'' when a checkpoint of this project's format has what loading needs, else what is missing."""
+    missing = [k for k in ("cfg", "names", "model") if k not in ckpt]
+    if missing:
+        return f"missing key(s) {', '.join(missing)}"
+    if not isinstance(ckpt["cfg"], dict):
+        return f"'cfg' must be a model config mapping, got {type(ckpt['cfg']).__name__}"
+    if not isinstance(ckpt["names"], (dict, list, tuple)):
+        return f"'names' must be a dict or list, got {type(ckpt['names']).__name__}"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return "'model' must be a dict of tensors"
+    return ""
 
 
 def _names_dict(names) -> dict[int, str]:
@@ -83,8 +114,15 @@ def read_checkpoint(path: str | Path) -> dict:
     """Normalise an official or own checkpoint to {'cfg', 'names', 'stride', 'state_dict', 'ckpt'}."""
     ckpt = safe_load(path)
     if ckpt.get("format") == FORMAT:
-        state = ckpt.get("ema") or ckpt["model"]
-        return {"cfg": ckpt["cfg"], "names": _names_dict(ckpt["names"]), "stride": ckpt.get("stride"),
+        state = ckpt.get("ema") or ckpt.get("model")
+        problem = _own_format_problem(ckpt, state)
+        if problem:
+            raise UserError(f"{path} is a damaged {FORMAT} file: {problem}")
+        try:
+            names = _names_dict(ckpt["names"])
+        except (TypeError, ValueError, AttributeError):
+            raise UserError(f"{path} is a damaged {FORMAT} file: 'names' must map class ids (integers) to names") from None
+        return {"cfg": ckpt["cfg"], "names": names, "stride": ckpt.get("stride"),
                 "state_dict": state, "ckpt": ckpt, "official": False}
     model = ckpt.get("ema") or ckpt.get("model")
     if not isinstance(model, nn.Module) or not hasattr(model, "yaml"):
@@ -131,7 +169,12 @@ def load_model(weights: str | Path, device: torch.device | str = "cpu", fuse: bo
     from models.yolo import DetectionModel
 
     info = read_checkpoint(resolve_weights(weights))
-    model = DetectionModel(info["cfg"], nc=info["cfg"]["nc"], verbose=verbose)
+    try:
+        model = DetectionModel(info["cfg"], nc=info["cfg"].get("nc"), verbose=verbose)
+    except UserError as e:
+        raise UserError(f"{weights}: its model config is invalid: {e}") from None
+    except Exception as e:  # a malformed config reaches layer constructors with values they cannot take
+        raise UserError(f"{weights}: its model config is malformed ({type(e).__name__}: {str(e)[:160]})") from None
     try:
         model.load_state_dict(info["state_dict"], strict=True)
     except RuntimeError as e:
@@ -158,12 +201,32 @@ def atomic_save(obj: dict, path: str | Path) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; a checkpoint should be as readable as any other
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)) and _disk_problem(path.parent, e):
+            raise UserError(f"cannot save {path}: {_disk_problem(path.parent, e)}; "
+                            f"{'the previous ' + path.name + ' is kept' if path.exists() else 'nothing was overwritten'}") from None
         raise
     # temporaries left by a writer that was killed (of this file or a sibling such as best.pt next to last.pt)
     for stale in path.parent.glob(f".*{glob.escape(path.suffix)}.*.tmp"):
         stale.unlink(missing_ok=True)
+
+
+def _disk_problem(folder: Path, e: BaseException) -> str:
+    """'the disk is full' / 'read-only' when that is why a write failed (torch's zip writer hides errno)."""
+    import errno
+    import shutil
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk is full"
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "the folder is read-only"
+    try:
+        if shutil.disk_usage(folder).free < 64 * 2**20:  # torch reports "unexpected pos", "file write failed", ...
+            return f"the disk is full ({shutil.disk_usage(folder).free / 2**20:.0f} MB free)"
+    except OSError:
+        pass
+    return ""
 
 
 def make_checkpoint(model: nn.Module, ema_model: nn.Module | None = None, half: bool = True, **extra) -> dict:

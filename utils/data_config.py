@@ -167,7 +167,11 @@ def run_download_step(step: str, data: dict, source: str = "dataset yaml") -> No
     if step.startswith(("http://", "https://")) and step.split("?")[0].endswith(".zip"):
         download([step], root, unzip=True, delete=True)
     elif step.startswith("bash "):
-        r = subprocess.run(step[5:], shell=True, cwd=ROOT)
+        rest = step[5:].strip()
+        first = rest.split()[0] if rest else ""
+        # YOLOv5's "bash -c '...'" and "bash script.sh" run through bash as written; "bash <command>" runs the command
+        cmd = step if first.startswith("-") or (ROOT / first).is_file() or Path(first).is_file() else rest
+        r = subprocess.run(cmd, shell=True, cwd=ROOT)
         if r.returncode:
             raise UserError(f"{source}: download command failed with exit status {r.returncode}")
     else:
@@ -177,6 +181,31 @@ def run_download_step(step: str, data: dict, source: str = "dataset yaml") -> No
             raise
         except Exception as e:  # a snippet can fail in many ways; the user needs one line, not a trace
             raise UserError(f"{source}: download step failed: {type(e).__name__}: {e}") from None
+
+
+def check_archive(f: Path, dest: Path) -> None:
+    """Refuse an archive that would unpack to far more than its size (a zip bomb) or than the free disk."""
+    import tarfile
+    import zipfile
+
+    from utils.limits import check_limit
+
+    try:
+        if zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as z:
+                total = sum(i.file_size for i in z.infolist())
+        else:
+            with tarfile.open(f) as t:
+                total = sum(m.size for m in t.getmembers())
+    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
+        raise UserError(f"could not unpack {f}: {e}") from None
+    packed = max(f.stat().st_size, 1)
+    if total > 100e6:  # small archives (a few labels) may compress well and harm no one
+        check_limit("unzip_ratio", total / packed, f"{f.name} unpacks to {total / 1e9:.1f} GB from {packed / 1e6:.1f} MB: "
+                                                  f"its compression ratio {total / packed:.0f}")
+    free = shutil.disk_usage(dest).free
+    if total > free:
+        raise UserError(f"{f.name} unpacks to {total / 1e9:.1f} GB but {dest} has {free / 1e9:.1f} GB free")
 
 
 def download(
@@ -208,8 +237,9 @@ def download(
                 raise UserError(f"could not download {url}: {reason} (no internet connection?)") from None
             tmp.rename(f)
         if unzip and f.suffix in (".zip", ".tar", ".gz", ".tgz"):
+            check_archive(f, dir)
             try:
-                shutil.unpack_archive(str(f), str(dir))
+                shutil.unpack_archive(str(f), str(dir), **({} if f.suffix == ".zip" else {"filter": "data"}))
             except (shutil.ReadError, ValueError, OSError) as e:
                 raise UserError(f"could not unpack {f}: {e}") from None
             if delete:

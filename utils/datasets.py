@@ -32,8 +32,9 @@ from utils.augmentations import (
     segments2boxes,
 )
 from utils.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
+from utils.checks import check_loader_args
 from utils.errors import UserError
-from utils.sources import IMG_FORMATS, TRUNCATED_JPEG, jpeg_end_marker_missing, jpeg_is_truncated
+from utils.sources import IMG_FORMATS, TRUNCATED_JPEG, check_jpeg
 from utils.torch_utils import ignore_interrupts, torch_distributed_zero_first
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,8 @@ def verify_image_label(im_file: str, lb_file: str, nc: int | None = None, prefix
     Skipped (counted corrupt): unreadable, zero-byte, non-image, truncated or < 10 px images;
     label rows with the wrong number of columns, non-numbers, NaN/inf, or coordinates outside
     0-1. Dropped with a warning: rows whose class id is negative, fractional or >= nc, and
-    duplicate rows. A JPEG that only lacks its end marker is used as is (with a warning): the
+    duplicate rows. JPEGs are decoded fully (check_jpeg). A JPEG that only lacks its end marker
+    is used as is (with a warning): the
     data folder may be read-only, so nothing is ever rewritten.
     """
     nm = nf = ne = 0
@@ -106,10 +108,12 @@ def verify_image_label(im_file: str, lb_file: str, nc: int | None = None, prefix
             raise ValueError(f"unsupported image format '{fmt}'")
         if shape[0] < 10 or shape[1] < 10:
             raise ValueError(f"image size {shape[0]}x{shape[1]} is under 10 pixels")
-        if fmt in ("jpeg", "mpo") and jpeg_end_marker_missing(im_file):
-            if jpeg_is_truncated(im_file):
+        if fmt in ("jpeg", "mpo"):
+            usable, note = check_jpeg(im_file)  # a full decode: verify() alone misses cut-off scans
+            if not usable:
                 raise ValueError(TRUNCATED_JPEG)
-            notes.append("JPEG end marker missing, the image itself is complete; used as is")
+            if note:
+                notes.append(note)
 
         if os.path.isfile(lb_file):
             nf = 1
@@ -176,6 +180,14 @@ def verify_image_label(im_file: str, lb_file: str, nc: int | None = None, prefix
         return LabelCheck(im_file, None, None, [], nm, nf, ne, 1, msg)
 
 
+def _imread(f: str) -> np.ndarray | None:
+    """cv2.imread that returns None instead of raising on a decoder error (huge declared sizes)."""
+    try:
+        return cv2.imread(f)
+    except (cv2.error, MemoryError):
+        return None
+
+
 def is_writeable(folder: str | Path) -> bool:
     """True if we may write into `folder`. Folders without write bits count as read-only even for
     root (who could write anyway): shared data is protected only by its permission bits."""
@@ -231,29 +243,75 @@ def save_label_cache(path: Path, checks: list[LabelCheck], file_hash: str, stats
         return False
 
 
-def load_label_cache(path: Path, file_hash: str) -> dict[str, Any] | None:
-    """Read a label cache written by save_label_cache; None if absent, stale or unreadable."""
+def load_label_cache(path: Path, file_hash: str, im_files: Sequence[str] | None = None,
+                     nc: int | None = None) -> dict[str, Any] | None:
+    """Read a label cache written by save_label_cache; None if absent, stale, unreadable or invalid.
+
+    An unreadable cache (cut short by an interrupted copy, not an .npz at all) or one whose contents
+    fail the checks a fresh scan applies is reported in one line and rebuilt: a matching hash only
+    says the files did not change, not that whoever wrote the cache was honest.
+    """
     try:
         with np.load(path, allow_pickle=False) as z:
             if int(z["version"]) != CACHE_VERSION or str(z["hash"]) != file_hash:
                 return None
-            im_files = [str(x) for x in z["im_files"]]
-            counts, seg_counts = z["counts"], z["seg_counts"]
-            labels = np.split(z["labels"], np.cumsum(counts)[:-1]) if len(counts) else []
-            points = np.split(z["seg_points"], np.cumsum(z["seg_lens"])[:-1]) if len(z["seg_lens"]) else []
-            seg_per_image = np.split(np.arange(len(points)), np.cumsum(seg_counts)[:-1]) if len(seg_counts) else []
-            segments = [[points[j] for j in idx] for idx in seg_per_image]
-            nf, nm, ne, nc = (int(v) for v in z["stats"])
-            return dict(
-                im_files=im_files,
-                labels=[np.asarray(x, np.float32).reshape(-1, 5) for x in labels],
-                shapes=z["shapes"].astype(np.int64),
-                segments=segments,
-                msgs=[str(m) for m in z["msgs"]],
-                stats=dict(nf=nf, nm=nm, ne=ne, nc=nc),
-            )
-    except (OSError, KeyError, ValueError, EOFError):
+            cache = _unpack_cache(z)
+    except Exception as e:  # BadZipFile, EOFError, KeyError, ValueError, OSError, ...: all mean the same
+        print(f"WARNING: label cache {path} is unreadable ({type(e).__name__}); rebuilding it")
         return None
+    why = validate_label_cache(cache, im_files, nc)
+    if why:
+        print(f"WARNING: label cache {path} does not match the dataset ({why}); rebuilding it")
+        return None
+    return cache
+
+
+def _unpack_cache(z) -> dict[str, Any]:
+    im_files = [str(x) for x in z["im_files"]]
+    counts, seg_counts = z["counts"], z["seg_counts"]
+    if len(counts) != len(im_files) or len(seg_counts) != len(im_files) or counts.sum() != len(z["labels"]) \
+            or seg_counts.sum() != len(z["seg_lens"]) or z["seg_lens"].sum() != len(z["seg_points"]) \
+            or (counts < 0).any() or (seg_counts < 0).any() or (z["seg_lens"] < 0).any():
+        raise ValueError("inconsistent array lengths")
+    labels = np.split(z["labels"], np.cumsum(counts)[:-1]) if len(counts) else []
+    points = np.split(z["seg_points"], np.cumsum(z["seg_lens"])[:-1]) if len(z["seg_lens"]) else []
+    seg_per_image = np.split(np.arange(len(points)), np.cumsum(seg_counts)[:-1]) if len(seg_counts) else []
+    segments = [[points[j] for j in idx] for idx in seg_per_image]
+    nf, nm, ne, nc = (int(v) for v in z["stats"])
+    return dict(
+        im_files=im_files,
+        labels=[np.asarray(x, np.float32).reshape(-1, 5) for x in labels],
+        shapes=z["shapes"].astype(np.int64).reshape(-1, 2),
+        segments=segments,
+        msgs=[str(m) for m in z["msgs"]],
+        stats=dict(nf=nf, nm=nm, ne=ne, nc=nc),
+    )
+
+
+def validate_label_cache(cache: dict[str, Any], im_files: Sequence[str] | None, nc: int | None) -> str:
+    """'' when cached labels pass the checks of verify_image_label, else the first problem found."""
+    if im_files is not None:
+        outside = set(cache["im_files"]) - set(im_files)
+        if outside:
+            return f"{len(outside)} image(s) not in the dataset, e.g. {sorted(outside)[0]}"
+    if len(cache["shapes"]) != len(cache["im_files"]) or len(cache["segments"]) != len(cache["im_files"]):
+        return "inconsistent array lengths"
+    if len(cache["shapes"]) and (cache["shapes"] < 10).any():
+        return "image sizes under 10 pixels"
+    for f, lb, segs in zip(cache["im_files"], cache["labels"], cache["segments"]):
+        if not len(lb) and not segs:
+            continue
+        if not np.isfinite(lb).all():
+            return f"NaN or infinite label values for {f}"
+        cls = lb[:, 0]
+        if (cls < 0).any() or (cls != np.round(cls)).any() or (nc is not None and (cls >= nc).any()):
+            return f"class id {cls.max():g} outside 0..{(nc - 1) if nc is not None else 'n'} for {f}"
+        if (lb[:, 1:] < 0).any() or (lb[:, 1:] > 1).any():
+            return f"label coordinates outside 0-1 for {f}"
+        if segs and (len(segs) != len(lb) or any(s.ndim != 2 or s.shape[-1] != 2 or not np.isfinite(s).all()
+                                                 or (s < 0).any() or (s > 1).any() for s in segs)):
+            return f"invalid polygons for {f}"
+    return ""
 
 
 def orphan_labels(im_files: Sequence[str], label_files: Sequence[str]) -> list[str]:
@@ -344,7 +402,7 @@ class LoadImagesAndLabels(Dataset):
         self.cache_path = cache_path
 
         file_hash = _files_hash(im_files + label_files, extra=f"nc={nc}")  # nc decides which rows are dropped
-        cache = load_label_cache(cache_path, file_hash) if cache_path.is_file() else None
+        cache = load_label_cache(cache_path, file_hash, im_files, nc) if cache_path.is_file() else None
         if cache is None:
             cache = self._scan(im_files, label_files, nc, file_hash, cache_path)
             where = Path(p if p is not None else im_files[0]).as_posix()
@@ -510,7 +568,7 @@ class LoadImagesAndLabels(Dataset):
         sample = random.Random(self.seed).sample(range(self.n), min(self.n, 30))
         b = 0
         for i in sample:
-            im = cv2.imread(self.im_files[i])
+            im = _imread(self.im_files[i])
             if im is None:
                 continue
             r = self.img_size / max(im.shape[:2])
@@ -525,7 +583,7 @@ class LoadImagesAndLabels(Dataset):
     def _save_npy(self, i: int) -> int:
         f = self.npy_files[i]
         if not f.exists():
-            im = cv2.imread(self.im_files[i])
+            im = _imread(self.im_files[i])
             if im is None:
                 return 0
             f.parent.mkdir(parents=True, exist_ok=True)
@@ -541,7 +599,7 @@ class LoadImagesAndLabels(Dataset):
         if fn is not None and fn.exists():
             im = np.load(fn, allow_pickle=False)
         else:
-            im = cv2.imread(self.im_files[i])
+            im = _imread(self.im_files[i])
             if im is None:
                 raise UserError(f"{self.prefix}cannot read image {self.im_files[i]}")
         h0, w0 = im.shape[:2]
@@ -733,6 +791,7 @@ def create_dataloader(
     min_items: int = 0,
 ) -> tuple[DataLoader, LoadImagesAndLabels]:
     """Dataset plus a DataLoader with seeded, persistent workers (DistributedSampler under DDP)."""
+    check_loader_args(batch_size, workers, quad)
     if rect and shuffle:
         print(f"{prefix}WARNING: --rect is incompatible with shuffling, not shuffling")
         shuffle = False

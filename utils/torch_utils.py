@@ -197,6 +197,9 @@ def check_img_size(imgsz, stride: int = 32, floor: int = 0):
     sizes = [imgsz] if single else [int(s) for s in imgsz]
     if any(s <= 0 for s in sizes):
         raise UserError(f"--imgsz must be positive, got {imgsz}")
+    from utils.limits import check_limit
+
+    check_limit("imgsz", max(sizes), f"--imgsz {max(sizes)} (pixels per side)")
     new = [max(int(math.ceil(s / stride) * stride), floor) for s in sizes]
     out = new[0] if single else new
     if new != sizes:
