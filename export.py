@@ -250,6 +250,21 @@ def _export_one(fmt: str, model, x: torch.Tensor, stem: Path, meta: dict, opset:
     return export_openvino(fp32_onnx, stem, meta, half, int8)
 
 
+def _missing_package(fmt: str, int8: bool) -> str | None:
+    """Why `fmt` cannot be exported here (an optional package is not installed), or None."""
+    import importlib.util
+
+    need = {"openvino": ["openvino"] + (["nncf"] if int8 else [])}.get(fmt, [])
+    for name in need:
+        try:
+            if importlib.util.find_spec(name) is None:
+                raise ImportError
+            __import__(name)
+        except (ImportError, ValueError):  # ValueError: find_spec of a module blocked in sys.modules
+            return f"{'int8 ' if name == 'nncf' else ''}OpenVINO export needs the {name} package: pip install {name}"
+    return None
+
+
 def _print_usage(written: dict[str, Path]) -> None:
     for fmt, f in written.items():
         f = _short(f)
@@ -327,6 +342,10 @@ def run(
         for fmt in (f for f in FORMATS if f in include):
             t = time.time()
             q = {**calib, "imgsz": imgsz, "stride": stride, "dynamic": dynamic} if calib and fmt in INT8_FORMATS else None
+            missing = _missing_package(fmt, bool(q))
+            if missing:  # reported once, in the final error line
+                failed[fmt] = missing
+                continue
             print(f"\n{fmt}: exporting{' int8' if q else ''} with torch {torch.__version__}...")
             try:
                 f = _export_one(fmt, model, x, stem, meta, opset, dynamic, half, simplify, Path(tmp), q)

@@ -44,6 +44,11 @@ def calibration_files(data: str | Path | dict | None, n: int, seed: int = 0) -> 
         raise UserError(f"--int8 calibration set is empty: {e}") from None
     if len(files) > n:
         files = sorted(random.Random(seed).sample(files, n))
+    from utils.sources import read_image
+
+    if not any(read_image(f)[0] is not None for f in files):  # stops at the first good one: cheap
+        raise UserError(f"--int8 calibration set is empty: none of the {len(files)} images in {d['train']} "
+                        f"could be read")
     elif len(files) < n:
         print(f"int8: the train split has {len(files)} images, fewer than --calib-images {n}: calibrating on all")
     return files

@@ -158,7 +158,7 @@ def test_int8_bad_input_is_one_clear_line(tmp_path, capsys):
     cases = {
         "needs calibration images: pass --data": [],
         "calibration set is empty": ["--data", str(no_images)],
-        "none of its images could be read": ["--data", str(bad_yaml)],
+        "none of the 1 images in": ["--data", str(bad_yaml)],
         "--batch-size 4 asks for a fixed batch": ["--data", str(bad_yaml), "--dynamic", "--batch-size", "4"],
     }
     for msg, extra in cases.items():
@@ -182,7 +182,7 @@ def test_missing_openvino_still_writes_onnx_and_exits_non_zero(tmp_path, monkeyp
     out, err = capsys.readouterr()
     f = tmp_path / "yolov5n.onnx"
     assert DetectMultiBackend(f)(torch.zeros(1, 3, IMGSZ, IMGSZ)).shape[0] == 1  # the ONNX file is complete
-    lines = [ln for ln in (out + err).splitlines() if "openvino" in ln.lower()]
+    lines = [ln for ln in (out + err).splitlines() if "openvino" in ln.replace(str(tmp_path), "").lower()]
     assert len(lines) == 1 and lines[0].startswith("ERROR:") and "pip install openvino" in lines[0], lines
     assert "yolov5n.onnx" in lines[0]  # and it says what was written
     assert not (tmp_path / "yolov5n_openvino_model").exists()
