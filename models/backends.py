@@ -9,6 +9,9 @@ travel inside the exported file:
                              code stored in the file, so it is refused unless trust_weights=True
     .onnx                    ONNX Runtime (metadata in the model's metadata_props)
     *_openvino_model/, .xml  OpenVINO IR (metadata.yaml beside the .xml)
+
+Int8 exports (export.py --int8: *_int8.onnx, *_int8_openvino_model/) load the same way; their metadata
+says `int8: true` plus how they were calibrated, exposed as `backend.int8` and `backend.metadata`.
 """
 from __future__ import annotations
 
@@ -126,6 +129,7 @@ class DetectMultiBackend(nn.Module):
         self.fixed_imgsz: tuple[int, int] | None = None  # (h, w) for exports traced at one shape
         self.batch: int | None = None  # a fixed batch size of the export, None when any batch works
         self.metadata: dict = {}
+        self.int8 = False  # an int8 (quantised) export, from its metadata
         self._warned_augment = False
         if self.format != "openvino" or not w.exists():
             w = resolve_weights(w)
@@ -163,6 +167,7 @@ class DetectMultiBackend(nn.Module):
     def _apply_metadata(self, meta: dict, input_shape=None) -> tuple[dict | None, int]:
         """Common handling of export metadata; the input's static shape, when known, wins over it."""
         self.metadata = meta
+        self.int8 = _as_bool(meta.get("int8", False))
         imgsz = meta.get("imgsz") or (list(meta["shape"][-2:]) if meta.get("shape") else None)
         dynamic = _as_bool(meta.get("dynamic", False))
         if input_shape is not None:
