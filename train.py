@@ -75,7 +75,7 @@ def load_hyp(hyp: str | Path | dict) -> dict:
 
 
 def build_model(opt: argparse.Namespace, hyp: dict, nc: int, names: dict, device: torch.device, resume_ckpt: dict | None):
-    """The model to train: from a config, from weights, or from plain weights transferred into an SPD config."""
+    """The model to train: from a config, from weights, or from plain weights transferred into an SPD/P2 variant."""
     if resume_ckpt is not None:
         model = Model(resume_ckpt["cfg"], ch=3, nc=nc, verbose=RANK in {-1, 0}).to(device)
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in resume_ckpt["model"].items()})
@@ -88,13 +88,14 @@ def build_model(opt: argparse.Namespace, hyp: dict, nc: int, names: dict, device
     info = read_checkpoint(path)
     cfg = opt.cfg or info["cfg"]
     model = Model(cfg, ch=3, nc=nc, anchors=hyp.get("anchors"), verbose=RANK in {-1, 0}).to(device)
-    from models.spd import is_spd_cfg, transfer_checkpoint
+    from models.spd import transfer_checkpoint, wants_transfer
 
-    if opt.cfg and is_spd_cfg(load_cfg(opt.cfg)) and not is_spd_cfg(info["cfg"]):
+    if opt.cfg and wants_transfer(info["cfg"], load_cfg(opt.cfg)):  # SPD, SPDConv or P2 variant of plain weights
         state, _ = transfer_checkpoint(path, load_cfg(opt.cfg), nc=nc)
         csd = intersect_dicts(state, model.state_dict(), exclude=["anchor"] if hyp.get("anchors") else [])
         model.load_state_dict(csd, strict=False)
-        print(f"Exact SPD transfer: loaded {len(csd)}/{len(model.state_dict())} tensors from {weights} into {opt.cfg}")
+        print(f"SPD/P2 transfer: loaded {len(csd)}/{len(model.state_dict())} tensors from {weights} into {opt.cfg} "
+              "(the rest keep YOLOv5's initialisation)")
         return model
     exclude = ["anchor"] if (opt.cfg or hyp.get("anchors")) else []
     csd = intersect_dicts(info["state_dict"], model.state_dict(), exclude=exclude)
