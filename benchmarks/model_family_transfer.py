@@ -11,7 +11,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 import tempfile
@@ -30,6 +29,9 @@ from models.spd import convert, level_outputs  # noqa: E402
 from utils.checkpoints import load_model  # noqa: E402
 from utils.errors import report_user_errors  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from spd_study import machine  # noqa: E402
 
 CFGS = ("yolov5n-spdconv.yaml", "yolov5n-p2.yaml", "yolov5n-p2-spdconv.yaml", "yolov5n-spdlite.yaml")
 
@@ -80,6 +82,10 @@ def run(cfgs: list[str], weights: Path, data: str, images: Path, imgsz: int) -> 
     return pd.DataFrame(rows)
 
 
+def _g(v: float) -> str:
+    return "n/a" if v != v else f"{v:.3g}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfgs", nargs="+", default=list(CFGS))
@@ -101,13 +107,12 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"| {r['model']} | {r['mAP50']:.4f} | {r['mAP50-95']:.4f} | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['mAP50']:.4f} | {r['mAP50-95']:.4f} | {r['mAP50-95'] - base:+.4f} | "
-                     f"{r['n_plain']} / {r['n_variant']} | {r['max_box_px']:.3g} | {r['max_score']:.3g} |")
+                     f"{int(r['n_plain'])} / {int(r['n_variant'])} | {_g(r['max_box_px'])} | {_g(r['max_score'])} |")
     lines += ["", f"Command: `{shlex.join(['python', 'benchmarks/model_family_transfer.py', *(argv or sys.argv[1:])])}`; "
               f"val.py on {opt.data} at {opt.imgsz} px (conf 0.001, IoU 0.6); detections: NMS (conf 0.25, IoU 0.45) on "
               f"the letterboxed images of {opt.images}, P2 models on their P3-P5 levels (the levels plain has). "
               "Box/score gaps are over matched detections of all images (n/a when the counts differ).",
-              f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-              f"{datetime.now().isoformat(timespec='minutes')}.", ""]
+              f"Machine: {machine()}; {datetime.now().isoformat(timespec='minutes')}.", ""]
     Path(f"{opt.out}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
