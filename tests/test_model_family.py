@@ -262,3 +262,15 @@ def test_train_val_detect_export_from_coco_weights(fam, yolov5n_weights, tmp_pat
     assert len(out["results"]) == 1
     f = export.run(weights=best, imgsz=[128], include=["onnx"])["onnx"]
     assert Path(f).is_file()
+
+
+def test_pickled_spdconv_model_loads_with_weights_only(tmp_path):
+    """A YOLOv5-style pickle (whole model objects) of an SPDConv model passes the checkpoint allow-list."""
+    from utils.checkpoints import read_checkpoint
+
+    torch.manual_seed(0)
+    m = DetectionModel("yolov5n-p2-spdconv.yaml", verbose=False)
+    torch.save({"model": m, "epoch": -1}, tmp_path / "pickled.pt")
+    info = read_checkpoint(tmp_path / "pickled.pt")
+    assert info["official"] and info["state_dict"].keys() == m.state_dict().keys()
+    assert torch.equal(info["state_dict"]["model.0.conv.conv.weight"], m.state_dict()["model.0.conv.conv.weight"])
