@@ -16,8 +16,13 @@ Two identities make the transfer exact (up to float summation order):
 
 Layer indices shift by one per inserted `space_to_depth`; they are derived by walking both configs.
 
+The paper-order family (`-spdconv`, `-spdlite`, `-p2`, `-p2-spdconv`) pairs layer for layer instead:
+a stride-2 Conv becomes an SPDConv whose kernel holds the same taps in the matching phases
+(`spdconv_kernel`, with its proof), and a P2 model's extra layers start as YOLOv5 initialises them.
+
 Usage:
     python -m models.spd convert --weights yolov5n.pt --cfg yolov5n-spd.yaml --out yolov5n-spd.pt
+    python -m models.spd convert --weights yolov5n.pt --cfg yolov5n-p2-spdconv.yaml
 """
 from __future__ import annotations
 
