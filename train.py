@@ -87,7 +87,7 @@ def load_hyp(hyp: str | Path | dict) -> dict:
 
 def build_model(opt: argparse.Namespace, hyp: dict, nc: int, device: torch.device, resume_ckpt: dict | None):
     """The model to train: from a config, from weights (their own architecture unless --cfg names another), or
-    from plain weights transferred exactly into an SPD config."""
+    from plain weights transferred into an SPD, SPDConv or P2 variant."""
     verbose = RANK in {-1, 0}
     if resume_ckpt is not None:
         check_resume_nc(resume_ckpt["cfg"].get("nc", nc), nc, opt.weights, opt.data)
@@ -102,11 +102,12 @@ def build_model(opt: argparse.Namespace, hyp: dict, nc: int, device: torch.devic
     info = read_checkpoint(path)
     cfg = opt.cfg or info["cfg"]
     model = Model(cfg, ch=3, nc=nc, anchors=hyp.get("anchors"), verbose=verbose).to(device)
-    from models.spd import is_spd_cfg, transfer_checkpoint
+    from models.spd import transfer_plain_weights, wants_transfer
 
     exclude = ["anchor"] if (opt.cfg or hyp.get("anchors")) else []
-    if opt.cfg and is_spd_cfg(load_cfg(opt.cfg)) and not is_spd_cfg(info["cfg"]):
-        state, _ = transfer_checkpoint(path, load_cfg(opt.cfg), nc=nc, verbose=False)
+    exact = True
+    if opt.cfg and wants_transfer(info["cfg"], load_cfg(opt.cfg)):  # SPD, SPDConv or P2 variant of plain weights
+        state, _, exact = transfer_plain_weights(path, load_cfg(opt.cfg), nc=nc, verbose=False)
         exclude = ["anchor"] if hyp.get("anchors") else []
     else:
         state = info["state_dict"]
@@ -114,7 +115,8 @@ def build_model(opt: argparse.Namespace, hyp: dict, nc: int, device: torch.devic
     model.load_state_dict(csd, strict=False)
     target = Path(str(opt.cfg)).name if opt.cfg else f"its own architecture ({info['cfg'].get('yaml_file') or 'from the weights'})"
     print(describe_transfer(csd, model.state_dict(), source=Path(weights).name, target=target,
-                            detect_prefix=f"model.{len(model.model) - 1}.", nc_from=len(info["names"]), nc_to=nc))
+                            detect_prefix=f"model.{len(model.model) - 1}.", nc_from=len(info["names"]), nc_to=nc,
+                            exact=exact))
     return model
 
 

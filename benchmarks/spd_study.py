@@ -1,15 +1,19 @@
-"""SPD-Conv small-object study: plain YOLOv5 against its SPD twin under the same budget, seed and recipe.
+"""SPD-Conv small-object study: any list of configs under the same budget, seeds and recipe, ranked per FLOP.
 
-Every (model config, initialisation, image size) is trained by its own `train.py` process, then its
+Every (model config, initialisation, image size, seed) is trained by its own `train.py` process, then its
 final weights are evaluated at the training size: AP, AP50 (val.py), COCO-style APs/APm/APl with object
 areas in original-image pixels and again in network-input pixels, parameters, GFLOPs and CPU latency.
-The run folder gets results.csv, results.md (table + notes) and study.png (AP vs image size).
+The run folder gets results.csv/results.md (one row per run), summary.csv/summary.md (mean ± std across
+seeds per config, with its Pareto front of APs against GFLOPs), study.png (AP vs image size) and
+pareto.png (APs against GFLOPs and against CPU latency, error bars across seeds). Every (config, seed) run
+is kept in its own folder, so an interrupted study continues where it stopped.
 
 Usage:
     python benchmarks/spd_study.py                           # DeepPCB, yolov5n vs yolov5n-spd, transferred, CPU
     python benchmarks/spd_study.py --scratch --device 0      # adds from-scratch rows (needs a GPU to mean anything)
     python benchmarks/spd_study.py --fraction 0.05 --val-fraction 0.1 --epochs 1 --imgsz 128   # smoke run
     python benchmarks/spd_study.py --name exp --exist-ok     # continue an interrupted study in runs/study/exp
+    python benchmarks/spd_study.py --cfgs yolov5n.yaml yolov5n-spdconv.yaml yolov5n-p2.yaml --imgsz 256 --seeds 0 1 2
 
 Initialisations: 'transferred' fine-tunes from --weights (a plain YOLOv5 checkpoint; an SPD config gets
 the exact function-preserving transfer of models/spd.py, so both models start from the same function);
@@ -66,7 +70,8 @@ AREA_SMALL, AREA_LARGE = 32**2, 96**2  # COCO's area bucket limits (px^2)
 METRIC_COLS = ("AP", "AP50", "APs", "APm", "APl", "APs_in", "APm_in", "APl_in")
 _TERMINATED = False  # set by the SIGTERM handler so the training child gets the signal too
 SETTING_KEYS = ("cfg", "init", "imgsz", "epochs", "weights", "data", "fraction", "val_fraction", "batch_size",
-                "seed", "hyp")
+                "seed", "data_seed", "hyp")
+SUMMARY_COLS = ("AP", "AP50", "APs", "APm", "APs_in", "GFLOPs", "cpu_ms")  # mean and std across seeds
 
 
 @dataclass(frozen=True)
@@ -78,16 +83,20 @@ class RunSpec:
     imgsz: int
     epochs: int
     weights: str  # '' for scratch
+    seed: int = 0
 
     @property
     def name(self) -> str:
-        return f"{Path(self.cfg).stem}-{self.init}-{self.imgsz}"
+        return f"{Path(self.cfg).stem}-{self.init}-{self.imgsz}-s{self.seed}"
 
 
 # ----- set-up -------------------------------------------------------------------------------------
 def plan_runs(cfgs: list[str], imgszs: list[int], weights: str, epochs: int, scratch: bool, scratch_epochs: int,
-              cuda: bool) -> tuple[list[RunSpec], list[str]]:
-    """The runs to make and the notes explaining which initialisations were left out and why."""
+              cuda: bool, seeds: tuple[int, ...] = (0,)) -> tuple[list[RunSpec], list[str]]:
+    """The runs to make and the notes explaining which initialisations were left out and why.
+
+    Seeds vary slower than configs: a study stopped half-way has every config for the first seeds.
+    """
     notes, inits = [], []
     if weights:
         inits.append(("transferred", epochs, weights))
@@ -99,7 +108,7 @@ def plan_runs(cfgs: list[str], imgszs: list[int], weights: str, epochs: int, scr
     else:
         notes.append("From-scratch rows skipped: no CUDA device here, and training from random weights needs far "
                      "more compute than a CPU gives in an hour (on a GPU they are added by default; --scratch forces them).")
-    runs = [RunSpec(c, init, s, e, w) for init, e, w in inits for s in imgszs for c in cfgs]
+    runs = [RunSpec(c, init, s, e, w, seed) for init, e, w in inits for s in imgszs for seed in seeds for c in cfgs]
     return runs, notes
 
 
@@ -131,7 +140,7 @@ def train_command(run: RunSpec, opt: argparse.Namespace, data_yaml: Path, study_
     """The `train.py` command of one run. --noval: the final epoch is what gets evaluated, no test-set selection."""
     return [sys.executable, "train.py", "--data", str(data_yaml), "--cfg", run.cfg, "--weights", run.weights,
             "--imgsz", str(run.imgsz), "--epochs", str(run.epochs), "--batch-size", str(opt.batch_size),
-            "--seed", str(opt.seed), "--hyp", opt.hyp, "--workers", str(opt.workers), "--device", opt.device,
+            "--seed", str(run.seed), "--hyp", opt.hyp, "--workers", str(opt.workers), "--device", opt.device,
             "--project", str(study_dir), "--name", run.name, "--exist-ok", "--noplots", "--noval",
             *(["--cache", opt.cache] if opt.cache != "none" else [])]
 
@@ -164,7 +173,7 @@ def run_process(cmd: list[str], log_file: Path) -> int:
 def run_settings(run: RunSpec, opt: argparse.Namespace) -> dict:
     return {"cfg": run.cfg, "init": run.init, "imgsz": run.imgsz, "epochs": run.epochs, "weights": run.weights,
             "data": str(opt.data), "fraction": opt.fraction, "val_fraction": opt.val_fraction,
-            "batch_size": opt.batch_size, "seed": opt.seed, "hyp": opt.hyp}
+            "batch_size": opt.batch_size, "seed": run.seed, "data_seed": opt.data_seed, "hyp": opt.hyp}
 
 
 def check_settings(run_dir: Path, settings: dict) -> None:
@@ -351,29 +360,116 @@ def _fmt(v, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
 
 
 def markdown_table(df: pd.DataFrame) -> str:
-    cols = ["model", "init", "imgsz", "epochs", "AP", "AP50", "APs", "APm", "APl", "APs_in", "APm_in", "params",
+    cols = ["model", "init", "imgsz", "epochs", "seed", "AP", "AP50", "APs", "APm", "APl", "APs_in", "APm_in", "params",
             "GFLOPs", "CPU ms", "train min", "device"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(cols) - 5) + ["---"]) + "|"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * (len(cols) - 6) + ["---"]) + "|"]
     for r in df.to_dict("records"):
-        vals = [r["model"], r["init"], r["imgsz"], r["epochs"], *(_fmt(r.get(k)) for k in METRIC_COLS[:7]),
+        vals = [r["model"], r["init"], r["imgsz"], r["epochs"], r.get("seed", 0), *(_fmt(r.get(k)) for k in METRIC_COLS[:7]),
                 _fmt(r.get("params"), 2, 1e6, "M"),
                 _fmt(r.get("GFLOPs"), 2), _fmt(r.get("cpu_ms"), 1), _fmt(r.get("train_min"), 1), r["device"]]
         if r["status"] != "ok":
-            vals[4] = f"failed: {r['status']}"
+            vals[5] = f"failed: {r['status']}"
         lines.append("| " + " | ".join(str(v) for v in vals) + " |")
     return "\n".join(lines)
 
 
 def write_report(df: pd.DataFrame, notes: list[str], study_dir: Path) -> str:
-    text = "\n".join(["# SPD-Conv study", "", markdown_table(df), "", "Notes:", *(f"- {n}" for n in notes), ""])
+    summary = summarize(df)
+    table = summary_table(summary)
+    text = "\n".join(["# SPD-Conv study", "", "## Per config (mean ± std across seeds)", "", table, "",
+                      "## Per run", "", markdown_table(df), "", "Notes:", *(f"- {n}" for n in notes), ""])
     (study_dir / "results.md").write_text(text)
+    (study_dir / "summary.md").write_text("\n".join(["# SPD-Conv study: mean ± std across seeds", "", table, "",
+                                                     "Notes:", *(f"- {n}" for n in notes), ""]))
     df.to_csv(study_dir / "results.csv", index=False)
-    plot_study(df, study_dir / "study.png")
+    summary.to_csv(study_dir / "summary.csv", index=False)
+    plot_study(summary, study_dir / "study.png")
+    plot_pareto(summary, study_dir / "pareto.png")
     return text
 
 
-def plot_study(df: pd.DataFrame, file: Path) -> None:
-    """AP, APs (original areas) and APs (network-input areas) against image size: colour = model, style = init."""
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, init, imgsz): seeds done, mean and std (n-1) of each metric, Pareto flag.
+
+    pareto: no other config of the same init and size has at least its APs at no more GFLOPs (and is
+    better in one of them): the configs worth their cost. Std is NaN with a single seed.
+    """
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    keys = ["model", "init", "imgsz"]
+    rows = []
+    for (model, init, imgsz), g in ok.groupby(keys, sort=False):
+        r = {"model": model, "init": init, "imgsz": imgsz, "seeds": len(g),
+             "seed_list": " ".join(str(int(x)) for x in sorted(g.get("seed", pd.Series([0] * len(g))))),
+             "params": float(g["params"].mean()) if "params" in g else float("nan")}
+        for c in SUMMARY_COLS:
+            v = pd.to_numeric(g[c], errors="coerce") if c in g else pd.Series([float("nan")])
+            r[f"{c}_mean"], r[f"{c}_std"] = float(v.mean()), float(v.std(ddof=1)) if v.count() > 1 else float("nan")
+        rows.append(r)
+    out = pd.DataFrame(rows, columns=[*keys, "seeds", "seed_list", "params",
+                                      *(f"{c}_{s}" for c in SUMMARY_COLS for s in ("mean", "std"))])
+    out["pareto"] = [_on_front(out, i) for i in range(len(out))]
+    return out
+
+
+def _on_front(s: pd.DataFrame, i: int) -> bool:
+    r = s.iloc[i]
+    same = s[(s["init"] == r["init"]) & (s["imgsz"] == r["imgsz"])]
+    ap, g = r["APs_mean"], r["GFLOPs_mean"]
+    if math.isnan(ap) or math.isnan(g):
+        return False
+    return not any((o["APs_mean"] >= ap and o["GFLOPs_mean"] <= g and (o["APs_mean"] > ap or o["GFLOPs_mean"] < g))
+                   for _, o in same.iterrows())
+
+
+def _pm(mean: float, std: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
+
+
+def summary_table(s: pd.DataFrame) -> str:
+    cols = ["model", "init", "imgsz", "seeds", "AP", "AP50", "APs", "APm", "params", "GFLOPs", "CPU ms", "Pareto (APs/GFLOPs)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(cols) - 4) + ["---"]) + "|"]
+    for r in s.to_dict("records"):
+        vals = [r["model"], r["init"], r["imgsz"], r["seeds"], *(_pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in ("AP", "AP50", "APs", "APm")),
+                _fmt(r["params"], 2, 1e6, "M"), _fmt(r["GFLOPs_mean"], 2), _pm(r["cpu_ms_mean"], r["cpu_ms_std"], 1),
+                "yes" if r["pareto"] else ""]
+        lines.append("| " + " | ".join(str(v) for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def plot_pareto(s: pd.DataFrame, file: Path) -> None:
+    """APs against GFLOPs and against CPU latency, one point per config and size, error bars across seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), tight_layout=True)
+    markers = {sz: m for sz, m in zip(sorted(s["imgsz"].unique()), "osD^v<>")}
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(s["model"]))}
+    for ax, (x, label) in zip(axes, (("GFLOPs", "GFLOPs at the training size"), ("cpu_ms", "CPU ms (batch 1, 2 threads)"))):
+        for r in s.to_dict("records"):
+            err = lambda v: None if math.isnan(v) else v  # noqa: E731
+            ax.errorbar(r[f"{x}_mean"], r["APs_mean"], yerr=err(r["APs_std"]), xerr=err(r[f"{x}_std"]) if x == "cpu_ms" else None,
+                        fmt=markers[r["imgsz"]], color=colours[r["model"]], capsize=3, mfc="none" if r["init"] == "scratch" else None,
+                        label=f"{r['model']} ({r['init']}, {r['imgsz']} px)")
+        for (init, imgsz), g in s[s["pareto"]].groupby(["init", "imgsz"]):
+            g = g.sort_values("GFLOPs_mean")
+            if x == "GFLOPs" and len(g) > 1:
+                ax.plot(g["GFLOPs_mean"], g["APs_mean"], ":", color="grey", lw=1)
+        ax.set_xlabel(label)
+        ax.set_ylabel("APs (mean ± std across seeds)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("APs per GFLOP (dotted: Pareto front)")
+    axes[1].set_title("APs per CPU millisecond")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.savefig(file, dpi=150)
+    plt.close(fig)
+
+
+def plot_study(s: pd.DataFrame, file: Path) -> None:
+    """AP, APs (original areas) and APs (network-input areas) against image size (means across seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,15 +478,16 @@ def plot_study(df: pd.DataFrame, file: Path) -> None:
     panels = (("AP", "AP (mAP@0.5:0.95)"), ("APs", "APs, COCO areas in original pixels"),
               ("APs_in", "APs, COCO areas in network-input pixels"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), tight_layout=True)
-    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(df["model"]))}
+    colours = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(s["model"]))}
     styles = {"transferred": "-", "scratch": "--"}
     for ax, (key, title) in zip(axes, panels):
-        for (model, init), g in df[df["status"] == "ok"].groupby(["model", "init"], sort=False):
+        for (model, init), g in s.groupby(["model", "init"], sort=False):
             g = g.sort_values("imgsz")
-            ax.plot(g["imgsz"], g[key], styles.get(init, ":"), marker="o", color=colours[model], label=f"{model} ({init})")
+            ax.errorbar(g["imgsz"], g[f"{key}_mean"], yerr=g[f"{key}_std"].fillna(0), fmt=styles.get(init, ":"), marker="o",
+                        color=colours[model], capsize=3, label=f"{model} ({init})")
         ax.set_title(title)
         ax.set_xlabel("image size (px)")
-        ax.set_xticks(sorted(df["imgsz"].unique()))
+        ax.set_xticks(sorted(s["imgsz"].unique()))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.savefig(file, dpi=150)
@@ -408,7 +505,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scratch", action="store_true", help="add from-scratch rows (added by default on a GPU)")
     parser.add_argument("--scratch-epochs", type=int, default=100, help="epochs of the from-scratch runs")
     parser.add_argument("--batch-size", "--batch", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", "--seed", nargs="+", type=int, default=[0],
+                        help="training seeds; every config is trained once per seed (mean ± std in summary.md)")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the --fraction/--val-fraction subsets")
     parser.add_argument("--hyp", default="hyp.scratch-low.yaml", help="hyperparameters, the same for every run")
     parser.add_argument("--device", default="", help="training/eval device: '' (best available), cpu, 0, ...")
     parser.add_argument("--workers", type=int, default=2, help="dataloader workers")
@@ -428,6 +527,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     if min(opt.imgsz) < 32 or opt.epochs < 1 or opt.scratch_epochs < 1 or opt.batch_size < 1:
         parser.error("--imgsz must be >= 32, --epochs, --scratch-epochs and --batch-size >= 1")
     opt.imgsz = sorted(dict.fromkeys(opt.imgsz))
+    opt.seeds = list(dict.fromkeys(opt.seeds))
+    opt.cfgs = list(dict.fromkeys(opt.cfgs))
     return opt
 
 
@@ -438,10 +539,11 @@ def run_study(opt: argparse.Namespace, argv: list[str] | None = None) -> tuple[p
     cuda = device.type == "cuda"
     if opt.weights:
         opt.weights = str(resolve_weights(opt.weights).resolve())
-    runs, notes = plan_runs(opt.cfgs, opt.imgsz, opt.weights, opt.epochs, opt.scratch, opt.scratch_epochs, cuda)
+    runs, notes = plan_runs(opt.cfgs, opt.imgsz, opt.weights, opt.epochs, opt.scratch, opt.scratch_epochs, cuda,
+                            tuple(opt.seeds))
     for run in runs:  # before anything is written: a refused reuse must leave the folder as it was
         check_settings(study_dir / run.name, run_settings(run, opt))
-    data_yaml, dinfo = write_study_data(opt.data, study_dir / "data", opt.fraction, opt.val_fraction, opt.seed)
+    data_yaml, dinfo = write_study_data(opt.data, study_dir / "data", opt.fraction, opt.val_fraction, opt.data_seed)
     data = check_dataset(data_yaml)
     command = shlex.join(["python", "benchmarks/spd_study.py", *(sys.argv[1:] if argv is None else argv)])
     dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
@@ -450,10 +552,10 @@ def run_study(opt: argparse.Namespace, argv: list[str] | None = None) -> tuple[p
     rows = []
     for k, run in enumerate(runs, 1):
         run_dir = study_dir / run.name
-        print(f"\n[{k}/{len(runs)}] {run.name}: {run.epochs} epochs at {run.imgsz} px", flush=True)
+        print(f"\n[{k}/{len(runs)}] {run.name}: {run.epochs} epochs at {run.imgsz} px, seed {run.seed}", flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "study_settings.json").write_text(json.dumps(run_settings(run, opt), indent=1))
-        row = {"model": Path(run.cfg).stem, "init": run.init, "imgsz": run.imgsz, "epochs": run.epochs,
+        row = {"model": Path(run.cfg).stem, "init": run.init, "imgsz": run.imgsz, "epochs": run.epochs, "seed": run.seed,
                "device": dev_name, "status": "ok", **{c: float("nan") for c in METRIC_COLS}}
         cached = run_dir / "study_row.json"
         if cached.is_file():  # evaluated before: the numbers are already there
@@ -485,7 +587,8 @@ def run_study(opt: argparse.Namespace, argv: list[str] | None = None) -> tuple[p
         f"Dataset: {opt.data} ({dinfo['n_train']} train images{f', a seeded {opt.fraction:g} fraction' if opt.fraction < 1 else ''}; "
         f"{dinfo['n_val']} val images{f', a seeded {opt.val_fraction:g} fraction' if opt.val_fraction < 1 else ''}; "
         f"{dinfo['nc']} classes). Date: {datetime.now().isoformat(timespec='minutes')}.",
-        f"Same recipe for every run: {opt.hyp}, batch {opt.batch_size}, seed {opt.seed}, SGD; 'transferred' starts from "
+        f"Same recipe for every run: {opt.hyp}, batch {opt.batch_size}, seeds {' '.join(map(str, opt.seeds))} (training "
+        f"only; the data subsets use --data-seed {opt.data_seed}), SGD; 'transferred' starts from "
         f"{Path(opt.weights).name if opt.weights else '-'} (SPD configs through the exact function-preserving transfer), "
         "'scratch' from random weights. The final-epoch weights are evaluated (train.py --noval: no checkpoint "
         "selection on the evaluation set).",

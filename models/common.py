@@ -153,6 +153,22 @@ class Focus(nn.Module):
         return self.conv(space_to_depth_slices(x))
 
 
+class SPDConv(nn.Module):
+    """SPD-Conv in the paper's order: space-to-depth (scale 2), then a non-strided Conv over the 4*c1 channels.
+
+    Halves the resolution without discarding a pixel (the authors' released YOLOv5 layout puts the conv
+    first, at full resolution). With k=3 it holds any 3x3 (or 6x6) stride-2 conv exactly (models/spd.py);
+    with k=1 it is the cheapest lossless downsampling (4*c1*c2 MACs per output pixel against 9*c1*c2).
+    """
+
+    def __init__(self, c1: int, c2: int, k=3, p=None, g=1, act=True):
+        super().__init__()
+        self.conv = Conv(c1 * 4, c2, k, 1, p, g, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(space_to_depth_slices(x))
+
+
 class space_to_depth(nn.Module):  # noqa: N801 - name fixed by the SPD-Conv configs and checkpoints
     """The SPD layer: every 2x2 block of pixels becomes 4 channels; no information is dropped."""
 

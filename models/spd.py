@@ -16,8 +16,13 @@ Two identities make the transfer exact (up to float summation order):
 
 Layer indices shift by one per inserted `space_to_depth`; they are derived by walking both configs.
 
+The paper-order family (`-spdconv`, `-spdlite`, `-p2`, `-p2-spdconv`) pairs layer for layer instead:
+a stride-2 Conv becomes an SPDConv whose kernel holds the same taps in the matching phases
+(`spdconv_kernel`, with its proof), and a P2 model's extra layers start as YOLOv5 initialises them.
+
 Usage:
     python -m models.spd convert --weights yolov5n.pt --cfg yolov5n-spd.yaml --out yolov5n-spd.pt
+    python -m models.spd convert --weights yolov5n.pt --cfg yolov5n-p2-spdconv.yaml
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ _OUT_WEIGHT = {
     "SPPF": "cv2.conv.weight",
     "Bottleneck": "cv2.conv.weight",
     "Focus": "conv.conv.weight",
+    "SPDConv": "conv.conv.weight",
     "nn.BatchNorm2d": "weight",
 }
 _CONSTANTS = {"None": None, "True": True, "False": False}
@@ -386,36 +392,255 @@ def transfer_state_dict(
 def transfer_checkpoint(
     weights: str | Path, spd_cfg: str | Path | dict, nc: int | None = None, verbose: bool = True
 ) -> tuple[dict, dict[int, str]]:
-    """Load any plain YOLOv5 checkpoint and return (SPD state dict, class names) for `spd_cfg`.
+    """Load any plain YOLOv5 checkpoint and return (state dict, class names) for `spd_cfg`.
 
-    With nc different from the checkpoint's, the Detect output convs are left out (strict=False load
-    keeps their fresh init), as YOLOv5 does for a new class count; all other layers transfer exactly.
+    `spd_cfg` is an SPD twin (-spd), an SPDConv variant (-spdconv, -spdlite) or a P2 variant of the
+    checkpoint's config. With nc different from the checkpoint's, the Detect output convs are left out
+    (strict=False load keeps their fresh init), as YOLOv5 does for a new class count; so are the new
+    layers of a P2 model. Everything else transfers exactly, except into SPDConv(k=1) layers (said in the log).
     """
+    state, names, _ = transfer_plain_weights(weights, spd_cfg, nc, verbose)
+    return state, names
+
+
+def transfer_plain_weights(weights: str | Path, spd_cfg: str | Path | dict, nc: int | None = None,
+                           verbose: bool = True) -> tuple[dict, dict[int, str], bool]:
+    """transfer_checkpoint, also returning whether the result computes the plain function (on the shared levels)."""
     from utils.checkpoints import read_checkpoint, resolve_weights
 
     info = read_checkpoint(resolve_weights(weights))
     plain = {**info["cfg"], "yaml_file": info["cfg"].get("yaml_file") or f"the config in {Path(weights).name}"}
     spd = _cfg(spd_cfg)
-    if is_spd_cfg(plain):
+    if is_spd_cfg(plain) or uses_spdconv(plain):
         raise UserError(f"{weights} is already an SPD-Conv checkpoint: load it directly instead of transferring")
-    if not is_spd_cfg(spd):
-        raise UserError(f"{_name(spd, 'the target config')} has no space_to_depth layer: it is not an SPD config")
+    if not wants_transfer(plain, spd):
+        raise UserError(f"{_name(spd, 'the target config')} has no space_to_depth or SPDConv layer and no extra detection "
+                        "level: it is not an SPD config or a P2 model, so there is nothing to transfer")
     if nc is not None:
         spd["nc"] = int(nc)
     try:
         new_nc = int(spd["nc"]) != int(plain["nc"])
-        state = transfer_state_dict(info["state_dict"], plain, spd, allow_new_nc=nc is not None)
+        if is_spd_cfg(spd):
+            state = transfer_state_dict(info["state_dict"], plain, spd, allow_new_nc=nc is not None)
+            exact, new_layers = True, []
+        else:
+            state, exact, new_layers = transfer_family_state_dict(info["state_dict"], plain, spd, allow_new_nc=nc is not None)
     except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:  # a damaged config in the file
         raise UserError(f"{weights}: its model config is malformed ({type(e).__name__}: {str(e)[:160]})") from None
     total = len(info["state_dict"])
     detect = f"model.{len(_layers(plain)) - 1}.m."
     done = total - sum(k.startswith(detect) for k in info["state_dict"]) if new_nc else total
     name = _name(spd, "the SPD config")
-    why = (f"function-preserving except the Detect outputs, re-initialised for nc={spd['nc']} instead of {plain['nc']}"
-           if new_nc else "function-preserving")
+    extra = [f"the Detect outputs re-initialised for nc={spd['nc']} instead of {plain['nc']}"] if new_nc else []
+    if new_layers:
+        extra.append(f"new layers {new_layers[0]}-{new_layers[-1]} and the new detection level initialised as YOLOv5 does")
+    if exact:
+        scope = "function-preserving on the shared levels" if new_layers else "function-preserving"
+        msg = f"Transferred {done}/{total} plain tensors exactly into {name} ({'; '.join([scope, *extra])})"
+    else:
+        msg = (f"Transferred {done}/{total} plain tensors APPROXIMATELY into {name}: an SPDConv(k=1) cannot hold the "
+               "outer taps of a stride-2 conv (the -1 taps of a 3x3, the outer ones of the 6x6 stem), so each was added "
+               f"to the nearest tap it has. NOT function-preserving: the model starts near, not at, the plain one"
+               + "".join(f"; {e}" for e in extra))
     if verbose:  # (train.py reports the transfer itself, in the same words for every path)
-        print(f"Transferred {done}/{total} plain tensors exactly into {name} ({why})")
-    return state, info["names"]
+        print(msg)
+    return state, info["names"], exact
+
+
+# --- the model family: SPDConv (paper order) and P2 heads, layer for layer -----------------------------
+def spdconv_kernel(w: torch.Tensor, p: int, k: int) -> tuple[torch.Tensor, bool]:
+    """(O, C, kh, kw) kernel of a stride-2 conv with padding p -> (O, 4C, k, k) kernel of an SPDConv(k).
+
+    Returns (kernel, exact). Proof that the SPDConv computes the very same function when exact is True.
+    The plain conv is  y[o, Y, X] = sum_{i,a,b} W[o,i,a,b] x[i, 2Y + a - p, 2X + b - p]  (x zero outside).
+    Space-to-depth block j holds the phase (r_j, c_j) = PHASES[j]:  x_j[i, Y', X'] = x[i, 2Y' + r_j, 2X' + c_j],
+    and for even H, W its zero padding is exactly x's zero padding. The SPDConv, a k x k stride-1 conv with
+    padding q = k // 2 on it, is  y'[o, Y, X] = sum_{j,i,u,v} W'[o, jC+i, u, v] x[i, 2Y + 2(u-q) + r_j, 2X + 2(v-q) + c_j].
+    Every offset d = a - p is 2(u - q) + r for exactly one r in {0, 1} (r = d mod 2, u = q + floor(d / 2)),
+    so W'[o, jC+i, u, v] = W[o,i,a,b] at that (j, u, v), zero elsewhere, makes the two sums equal term by
+    term, as long as every u lies in [0, k): offsets -2q .. 2(k-1-q)+1. For k = 3 that is -2..3: a 3x3 conv
+    (p=1, offsets -1..1) uses 4 of the 9 taps per phase, YOLOv5's 6x6 stem (p=2, offsets -2..3) all of them
+    (which is why a 6x6 stride-2 conv is a 3x3 conv on the space-to-depth input). Output sizes agree too
+    (H/2 both); BN and the activation act per channel and pixel, so the whole Conv block carries over.
+    For k = 1 only offsets 0 and 1 exist: the -1 taps of a 3x3 conv (and -2, -1, 2, 3 of the stem) have
+    no place. exact is then False and each such tap is added to the nearest offset there is (which keeps
+    the kernel's sum, i.e. its response to a constant input, so the BN statistics stay roughly right).
+    """
+    if w.ndim != 4:
+        raise ValueError(f"kernel must be (O, C, kh, kw), got {tuple(w.shape)}")
+    o, c = w.shape[:2]
+    q = k // 2
+    lo, hi = -2 * q, 2 * (k - 1 - q) + 1
+    out = torch.zeros((o, 4 * c, k, k), dtype=w.dtype, device=w.device)
+    exact = True
+    for a in range(w.shape[2]):
+        for b in range(w.shape[3]):
+            da, db = a - p, b - p
+            ca, cb = min(max(da, lo), hi), min(max(db, lo), hi)
+            exact &= (ca, cb) == (da, db)
+            j = PHASES.index((ca % 2, cb % 2))
+            out[:, j * c : (j + 1) * c, q + ca // 2, q + cb // 2] += w[:, :, a, b]
+    return out, exact
+
+
+def uses_spdconv(cfg: str | Path | dict) -> bool:
+    """True for a config with an SPDConv layer (the paper-order family: -spdconv, -spdlite, -p2-spdconv)."""
+    return any(m == "SPDConv" for _, _, m, _ in _layers(_cfg(cfg)))
+
+
+def _detect_froms(cfg: dict) -> list[int]:
+    L = _layers(cfg)
+    f, _, m, _ = L[-1]
+    if m != "Detect":
+        raise UserError(f"the last layer of {_name(cfg, 'the config')} must be Detect")
+    return _froms(f, len(L) - 1)
+
+
+def wants_transfer(source_cfg: str | Path | dict, target_cfg: str | Path | dict) -> bool:
+    """True when weights of source_cfg go into target_cfg through transfer_checkpoint, not by key names.
+
+    That is plain weights into an SPD twin (-spd), an SPDConv config or one with more detection levels (P2).
+    """
+    src, tgt = _cfg(source_cfg), _cfg(target_cfg)
+    if is_spd_cfg(src) or uses_spdconv(src):
+        return False
+    return is_spd_cfg(tgt) or uses_spdconv(tgt) or len(_detect_froms(tgt)) > len(_detect_froms(src))
+
+
+def _spdconv_geometry(args: list) -> tuple:
+    """(c2, k, p, extra) of an SPDConv argument list [c2, k=3, p=None, ...]."""
+    args = _args(args)
+    k = args[1] if len(args) > 1 else 3
+    p = args[2] if len(args) > 2 and args[2] is not None else k // 2
+    return args[0], k, p, args[3:]
+
+
+def _pair_family_layer(i: int, pl: tuple, tl: tuple, where: str) -> str:
+    """'same' or 'spdconv' for plain layer pl and target layer tl at the same index; UserError otherwise."""
+    (f, n, m, args), (ft, nt, mt, argst) = pl, tl
+    if _froms(f, i) != _froms(ft, i) or n != nt:
+        raise UserError(f"{where}: they read different layers or repeat differently ({f} x{n} vs {ft} x{nt})")
+    if m == mt and _args(args) == _args(argst):
+        return "same"
+    if m == "Conv" and mt == "SPDConv" and n == 1:
+        c, k, s, p, extra = _conv_geometry(args)
+        ct, kt, pt, extrat = _spdconv_geometry(argst)
+        if c == ct and s == 2 and k in (2 * p + 1, 2 * p + 2) and not extra and not extrat and pt == kt // 2:
+            return "spdconv"
+    raise UserError(f"{where}; a stride-2 Conv [c, k, 2, p] (k = 2p+1 or 2p+2) twins SPDConv [c, K]")
+
+
+def pair_family(plain_cfg: str | Path | dict, target_cfg: str | Path | dict) -> tuple[list[str], dict[int, int]]:
+    """Pair a plain config with an SPDConv / P2 variant layer for layer (same indices).
+
+    Returns (kind of every plain layer but Detect, plain Detect level -> target Detect level). Target
+    layers beyond the plain ones (the P2 stage) are new; shared layers may not read them.
+    """
+    plain, tgt = _cfg(plain_cfg), _cfg(target_cfg)
+    pn, tn = _name(plain, "the plain config"), _name(tgt, "the target config")
+    for key, default in (("nc", None), ("depth_multiple", None), ("width_multiple", None), ("activation", None), ("ch", 3)):
+        if plain.get(key, default) != tgt.get(key, default):
+            raise UserError(f"{pn} and {tn} are not twins: {key} differs ({plain.get(key, default)} vs {tgt.get(key, default)})")
+    P, T = _layers(plain), _layers(tgt)
+    if len(T) < len(P):
+        raise UserError(f"{pn} and {tn} are not twins: {tn} has fewer layers ({len(T)} < {len(P)})")
+    kinds = [_pair_family_layer(i, P[i], T[i], f"{pn} and {tn} are not twins: plain layer {i} ({P[i][2]} {P[i][3]}) "
+                                f"vs layer {i} ({T[i][2]} {T[i][3]})") for i in range(len(P) - 1)]
+    dp, dt = _detect_froms(plain), _detect_froms(tgt)
+    if not set(dp) <= set(dt) or [x for x in dt if x in dp] != dp:
+        raise UserError(f"{pn} and {tn} are not twins: Detect reads {dt} in {tn}, which does not contain {dp} in order")
+    na = lambda a: len(a[0]) // 2 if isinstance(a, list) else int(a)  # noqa: E731
+    if na(plain["anchors"]) != na(tgt["anchors"]):
+        raise UserError(f"{pn} and {tn} are not twins: {na(plain['anchors'])} vs {na(tgt['anchors'])} anchors per level")
+    return kinds, {j: dt.index(x) for j, x in enumerate(dp)}
+
+
+def _layer_strides(cfg: dict) -> list[float]:
+    """Output stride of every layer, from the config alone (no model built)."""
+    strides: list[float] = []
+    for i, (f, n, m, args) in enumerate(_layers(cfg)):
+        src = _froms(f, i)
+        s = 1.0 if src[0] == -1 else strides[src[0]]
+        a = _args(args)
+        if m == "Conv":
+            s *= _conv_geometry(args)[2] ** n
+        elif m == "Focus":
+            s *= 2 * (a[2] if len(a) > 2 else 1)
+        elif m in ("SPDConv", "space_to_depth"):
+            s *= 2**n
+        elif m == "nn.Upsample":
+            s /= a[1]
+        elif m == "nn.MaxPool2d":
+            s *= a[1] if len(a) > 1 and a[1] is not None else a[0]
+        strides.append(s)
+    return strides
+
+
+def transfer_family_state_dict(plain_state: dict, plain_cfg: str | Path | dict, target_cfg: str | Path | dict,
+                               allow_new_nc: bool = False) -> tuple[dict, bool, list[int]]:
+    """Map plain weights onto an SPDConv and/or P2 variant: (state dict, exact, indices of new layers).
+
+    Shared layers keep their keys (an SPDConv's Conv sits one level down, `.conv.`), SPDConv kernels come
+    from spdconv_kernel, Detect outputs and anchors go to the level of the same stride. The new layers
+    and the new levels' output convs are left out (the caller keeps YOLOv5's fresh init); the new
+    levels' anchors are the config's, in grid units. exact is False where an SPDConv(k=1) took part.
+    """
+    plain, tgt = _cfg(plain_cfg), _cfg(target_cfg)
+    new_nc = allow_new_nc and tgt.get("nc") != plain.get("nc")
+    kinds, level = pair_family(plain, {**tgt, "nc": plain.get("nc")} if new_nc else tgt)
+    P, T = _layers(plain), _layers(tgt)
+    target = _spd_shapes(tgt)
+    tn = _name(tgt, "the target config")
+    dp, dt = len(P) - 1, len(T) - 1
+    result: dict = {}
+    exact = True
+    for key, v in plain_state.items():
+        parts = key.split(".")
+        if parts[0] != "model" or not parts[1].isdigit() or int(parts[1]) > dp:
+            raise UserError(f"plain weights have a tensor the config does not describe: {key}")
+        i, rest = int(parts[1]), ".".join(parts[2:])
+        if i == dp:
+            if rest == "anchors":
+                continue  # below, per level
+            if rest.startswith("m.") and new_nc:
+                continue
+            lv = rest.split(".")
+            tkey = f"model.{dt}.m.{level[int(lv[1])]}.{'.'.join(lv[2:])}" if lv[0] == "m" else f"model.{dt}.{rest}"
+        elif kinds[i] == "spdconv":
+            tkey = f"model.{i}.conv.{rest}"
+            if rest == "conv.weight":
+                _, k, _, p, _ = _conv_geometry(P[i][3])
+                v, ok = spdconv_kernel(v, p, _spdconv_geometry(T[i][3])[1])
+                exact &= ok
+        else:
+            tkey = key
+        if tkey not in target or tuple(v.shape) != tuple(target[tkey]):
+            got = tuple(target[tkey]) if tkey in target else "no such tensor"
+            raise UserError(f"{key} -> {tkey}: shape {tuple(v.shape)} does not fit {got} in {tn}")
+        result[tkey] = v.clone()
+    akey = f"model.{dp}.anchors"
+    if akey not in plain_state:
+        raise UserError(f"plain weights have no {akey}")
+    anchors = _config_anchors(tgt, dt)
+    for j, jt in level.items():
+        anchors[jt] = plain_state[akey][j].to(anchors.dtype)
+    result[f"model.{dt}.anchors"] = anchors
+    missing = sorted(set(target) - set(result))
+    new_layers = sorted({int(k.split(".")[1]) for k in missing if int(k.split(".")[1]) not in (dt,)})
+    if any(x < dp for x in new_layers):
+        raise UserError(f"transfer into {tn} left shared layer(s) {[x for x in new_layers if x < dp]} uncovered (are the weights fused?)")
+    return result, exact, new_layers
+
+
+def _config_anchors(cfg: dict, dt: int) -> torch.Tensor:
+    """The config's anchors in grid units (pixels / stride of each Detect input), as DetectionModel holds them."""
+    a = cfg["anchors"]
+    strides = _layer_strides(cfg)
+    froms = _detect_froms(cfg)
+    if not isinstance(a, list):  # a count: YOLOv5's placeholders, AutoAnchor replaces them before training
+        a = [list(range(int(a) * 2))] * len(froms)
+    t = torch.tensor(a, dtype=torch.float32).view(len(froms), -1, 2)
+    return t / torch.tensor([strides[x] for x in froms]).view(-1, 1, 1)
 
 
 # --- convert CLI -----------------------------------------------------------------------------------
@@ -425,50 +650,78 @@ def _lossless_half(state: dict) -> bool:
 
 
 @torch.no_grad()
+def level_outputs(model: torch.nn.Module, x: torch.Tensor) -> dict[float, torch.Tensor]:
+    """Decoded eval outputs (boxes in pixels, scores) of each detection level, keyed by its stride."""
+    z, raw = model.eval()(x)
+    counts = [r.shape[1] * r.shape[2] * r.shape[3] for r in raw]
+    return {float(s): zi for s, zi in zip(model.stride, z.split(counts, 1))}
+
+
+@torch.no_grad()
 def compare_models(a: torch.nn.Module, b: torch.nn.Module, size: int = 256, seed: int = 0) -> float:
-    """Max abs difference of the decoded eval outputs (pixels and scores) of two models on a random image."""
+    """Max abs difference of the decoded eval outputs (pixels and scores) of two models on a random image.
+
+    Only the detection levels both have (same stride) are compared: a P2 model's P3-P5 against plain's.
+    """
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    ya, yb = a.eval()(x)[0], b.eval()(x)[0]
-    return float((ya - yb).abs().max())
+    ya, yb = level_outputs(a, x), level_outputs(b, x)
+    shared = sorted(set(ya) & set(yb))
+    if not shared:
+        raise UserError("the two models have no detection level of the same stride to compare")
+    return max(float((ya[s] - yb[s]).abs().max()) for s in shared)
 
 
 def convert(weights: str | Path, cfg: str | Path, out: str | Path, tol: float = 1e-2) -> Path:
-    """Write a project-format checkpoint of the SPD twin of `weights`, verified to compute the same function."""
+    """Write a project-format checkpoint of the SPD/P2 variant of `weights`, verified against the plain model.
+
+    Exact transfers must reproduce the plain outputs (on the shared levels) within tol or nothing is
+    written; an approximate one (SPDConv(k=1)) is written with its measured distance in the log.
+    """
     from utils.checkpoints import atomic_save, load_model, make_checkpoint, resolve_weights
 
     src, out = resolve_weights(weights), Path(out)
     if out.exists() and out.resolve() == src.resolve():
         raise UserError(f"--out {out} is the input checkpoint; choose another file name")
-    state, names = transfer_checkpoint(src, cfg)
+    state, names, exact = transfer_plain_weights(src, cfg, None)
     spd_cfg = _cfg(cfg)
     with torch.random.fork_rng(devices=[]):
         model = DetectionModel(spd_cfg, verbose=False)
-    model.load_state_dict(state, strict=True)
+    missing, _ = model.load_state_dict(state, strict=not wants_new_layers(spd_cfg, state))
     model.names = names
-    half = _lossless_half(state)
-    ckpt = make_checkpoint(model, half=half, converted_from=str(weights), transfer="function-preserving plain -> SPD")
+    half = _lossless_half(model.state_dict())
+    how = "function-preserving" if exact else "approximate (SPDConv k=1: nearest taps)"
+    ckpt = make_checkpoint(model, half=half, converted_from=str(weights), transfer=f"{how} plain -> {_name(spd_cfg, 'cfg')}")
 
     # write next to the target, verify that file, and only then replace any existing --out
     tmp = out.with_name(f".{out.name}.verify.pt")
     try:
         atomic_save(ckpt, tmp)
         diff = compare_models(load_model(src, fuse=False), load_model(tmp, fuse=False))
-        if not diff <= tol:
+        if exact and not diff <= tol:
             raise UserError(f"verification failed: SPD and plain outputs differ by {diff:.3g} (> {tol}); {out} not written")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    what = "verified against" if exact else "NOT exact; measured against"
+    scope = "the shared detection levels" if missing else "decoded boxes and scores"
     print(f"Saved {out} ({'fp16' if half else 'fp32'}, {len(names)} classes); "
-          f"verified against {weights}: max abs diff {diff:.3g} on a random 256x256 input (decoded boxes and scores)")
+          f"{what} {weights}: max abs diff {diff:.3g} on a random 256x256 input ({scope})")
     return out
+
+
+def wants_new_layers(cfg: dict, state: dict) -> bool:
+    """True when the transferred state leaves layers to YOLOv5's fresh init (the P2 stage)."""
+    with torch.device("meta"):
+        keys = set(parse_model(deepcopy(cfg), ch=[int(cfg.get("ch", 3))], verbose=False)[0].state_dict())
+    return bool({f"model.{k}" for k in keys} - set(state))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m models.spd", description="SPD-Conv weight tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert", help="transfer plain YOLOv5 weights into an SPD config, exactly")
+    p = sub.add_parser("convert", help="transfer plain YOLOv5 weights into an SPD, SPDConv or P2 config")
     p.add_argument("--weights", required=True, help="plain YOLOv5 checkpoint (official or this project's)")
-    p.add_argument("--cfg", required=True, help="SPD model config, e.g. yolov5n-spd.yaml")
+    p.add_argument("--cfg", required=True, help="target config, e.g. yolov5n-spd.yaml, yolov5n-spdconv.yaml, yolov5n-p2.yaml")
     p.add_argument("--out", default=None, help="output checkpoint (default: <cfg name>.pt in the current folder)")
     opt = parser.parse_args(argv)
     out = opt.out or f"{Path(opt.cfg).stem}.pt"

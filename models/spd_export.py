@@ -7,7 +7,7 @@ NPU compilers. `to_export_form(model)` rewrites an inference model so that the f
 but the slicing is gone, choosing per SPD layer the cheapest exact form:
 
 * folded: when every reader of the SPD output is a plain convolution (the C3 after each backbone SPD,
-  the conv inside Focus), space-to-depth followed by a k x k, stride s conv *is* a 2k x 2k conv with
+  the conv inside Focus and SPDConv), space-to-depth followed by a k x k, stride s conv *is* a 2k x 2k conv with
   stride 2s on the full-resolution input; the weights are rearranged and the SPD layer passes its input
   through. No rearrangement is left in any graph (a Focus becomes YOLOv5 v6's 6x6 stride-2 conv).
 * blocks: when the readers are convolutions behind a Concat/Upsample (the PAN head), the layer becomes
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, Focus, check_even_hw, space_to_depth
+from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, Focus, SPDConv, check_even_hw, space_to_depth
 
 # Slice-form channel block for each block-major phase p = 2 * row + col: blocks 1 and 2 trade places.
 _SLICE_BLOCK_OF_PHASE = (0, 2, 1, 3)
@@ -224,20 +224,20 @@ def _copy_layer_attrs(src: nn.Module, dst: nn.Module, new_type: str) -> nn.Modul
 # --- the rewrite -----------------------------------------------------------------------------------------
 @torch.no_grad()
 def to_export_form(model: nn.Module, verbose: bool = False) -> nn.Module:
-    """Rewrite every SPD layer (space_to_depth and Focus) of a DetectionModel into its export form, in place.
+    """Rewrite every SPD layer (space_to_depth, Focus, SPDConv) of a DetectionModel into its export form, in place.
 
     The model's outputs are unchanged up to float rounding (the same products summed in another
     order). Idempotent: a model already in export form is returned as it is. Returns the model.
     """
     layers = getattr(model, "model", None)
-    if not isinstance(layers, nn.Sequential) or not any(isinstance(m, (space_to_depth, Focus)) for m in layers):
+    if not isinstance(layers, nn.Sequential) or not any(isinstance(m, (space_to_depth, Focus, SPDConv)) for m in layers):
         return model
     was_training = model.training
     model.eval()
     counts = _channel_counts(model)
     summary = {"folded": 0, "blocks": 0, "ordered": 0}
     for idx, m in enumerate(layers):
-        if isinstance(m, Focus):
+        if isinstance(m, (Focus, SPDConv)):  # space-to-depth, then a conv: the same fold either way
             conv = m.conv.conv
             c_in = conv.in_channels // 4
             if _foldable(conv, c_in):
@@ -277,4 +277,4 @@ def to_export_form(model: nn.Module, verbose: bool = False) -> nn.Module:
 
 def has_slice_spd(model: nn.Module) -> bool:
     """True while any SPD layer still slices (the authors' form)."""
-    return any(isinstance(m, (space_to_depth, Focus)) for m in model.modules())
+    return any(isinstance(m, (space_to_depth, Focus, SPDConv)) for m in model.modules())

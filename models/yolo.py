@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus, space_to_depth  # noqa: E402
+from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus, SPDConv, space_to_depth  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.limits import check_limit, limit  # noqa: E402
 from utils.torch_utils import fuse_conv_and_bn, model_info, scale_img  # noqa: E402
@@ -118,6 +118,7 @@ MODULES = {
     "SPP": SPP,
     "SPPF": SPPF,
     "Focus": Focus,
+    "SPDConv": SPDConv,
     "Concat": Concat,
     "space_to_depth": space_to_depth,
     "Detect": Detect,
@@ -126,7 +127,7 @@ MODULES = {
     "nn.MaxPool2d": nn.MaxPool2d,
     "nn.Identity": nn.Identity,
 }
-CONV_LIKE = (Conv, DWConv, Bottleneck, C3, SPP, SPPF, Focus)
+CONV_LIKE = (Conv, DWConv, Bottleneck, C3, SPP, SPPF, Focus, SPDConv)
 ACTIVATIONS = {"nn.SiLU()": nn.SiLU, "nn.ReLU()": nn.ReLU, "nn.LeakyReLU(0.1)": lambda: nn.LeakyReLU(0.1), "nn.Hardswish()": nn.Hardswish}
 
 

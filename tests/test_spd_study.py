@@ -129,8 +129,8 @@ def test_one_failing_run_does_not_stop_the_study(tmp_path, monkeypatch, yolov5n_
     md = (study_dir / "results.md").read_text()
     assert md.count("failed:") == 2 and "| 0.400 | 0.600 | 0.200 | 0.500 | n/a | 0.300 | 0.450 |" in md
     assert "28.0/37.4/45.4/49.0" in md and (study_dir / "study.png").stat().st_size > 0
-    assert (study_dir / "yolov5n-transferred-64" / "study_row.json").is_file()
-    assert not (study_dir / "yolov5n-spd-transferred-64" / "study_row.json").exists()  # failed runs are retried
+    assert (study_dir / "yolov5n-transferred-64-s0" / "study_row.json").is_file()
+    assert not (study_dir / "yolov5n-spd-transferred-64-s0" / "study_row.json").exists()  # failed runs are retried
 
 
 def test_study_end_to_end_tiny_and_rerun_reuses(tmp_path, yolov5n_weights):
@@ -157,10 +157,10 @@ def test_study_end_to_end_tiny_and_rerun_reuses(tmp_path, yolov5n_weights):
     assert spd["params"] > base["params"] and spd["GFLOPs"] > base["GFLOPs"]  # SPD's extra (zero-started) capacity
     md = (study_dir / "results.md").read_text()
     assert md.count("| yolov5n") == 2 and "From-scratch rows skipped" in md and "ORIGINAL image pixels" in md
-    assert (study_dir / "yolov5n-spd-transferred-64" / "weights" / "best.pt").is_file()
+    assert (study_dir / "yolov5n-spd-transferred-64-s0" / "weights" / "best.pt").is_file()
 
     # a rerun into the same folder trains nothing: finished runs are reused, a lost evaluation is redone
-    run = study_dir / "yolov5n-spd-transferred-64"
+    run = study_dir / "yolov5n-spd-transferred-64-s0"
     (run / "study_row.json").unlink()
     (run / "train_done.json").unlink()
     log_size = (run / "train.log").stat().st_size
@@ -170,5 +170,55 @@ def test_study_end_to_end_tiny_and_rerun_reuses(tmp_path, yolov5n_weights):
 
     train_list = (study_dir / "data" / "train.txt").read_text()
     with pytest.raises(SystemExit):  # other settings into the same folder: refused, nothing overwritten
-        spd_study.main([*argv, "--exist-ok", "--seed", "1"])
+        spd_study.main([*argv, "--exist-ok", "--hyp", "hyp.scratch-med.yaml"])
     assert (study_dir / "data" / "train.txt").read_text() == train_list
+
+
+def test_plan_seeds_vary_slower_than_configs():
+    runs, _ = spd_study.plan_runs(["a.yaml", "b.yaml"], [64], "w.pt", 1, False, 1, cuda=False, seeds=(0, 1))
+    assert [(r.cfg, r.seed) for r in runs] == [("a.yaml", 0), ("b.yaml", 0), ("a.yaml", 1), ("b.yaml", 1)]
+    assert runs[2].name == "a-transferred-64-s1"
+
+
+def test_seeds_summary_pareto_and_resume_per_seed(tmp_path, monkeypatch, yolov5n_weights):
+    """Mean ± std across seeds per config, the APs-per-GFLOP front, pareto.png; a rerun redoes only what is missing."""
+    data = shared_path("data", "deeppcb", "deeppcb.yaml")
+    aps = {("yolov5n", 0): 0.20, ("yolov5n", 1): 0.24, ("yolov5n-spdlite", 0): 0.18, ("yolov5n-spdlite", 1): 0.22,
+           ("yolov5n-spd", 0): 0.19, ("yolov5n-spd", 1): 0.21}
+    gflops = {"yolov5n": 0.66, "yolov5n-spdlite": 0.5, "yolov5n-spd": 1.36}
+    evaluated = []
+
+    def fake_eval(run, run_dir, data_, opt, device):
+        m = Path(run.cfg).stem
+        evaluated.append((m, run.seed))
+        ap_s = aps.get((m, run.seed), 0.2)
+        return {"AP": ap_s + 0.1, "AP50": 0.5, "AP_coco": 0.3, "APs": ap_s, "APm": 0.4,
+                "APl": float("nan"), "APs_in": 0.3, "APm_in": 0.4, "APl_in": float("nan"), "params": 1e6,
+                "GFLOPs": gflops[m], "cpu_ms": 10.0 + run.seed, "cpu_ms_min": 9.0, "load_at_latency": 1.0, "eval_s": 1.0}
+
+    monkeypatch.setattr(spd_study, "train_run", lambda *a: (True, 1.0, "trained"))
+    monkeypatch.setattr(spd_study, "evaluate_run", fake_eval)
+    argv = ["--data", str(data), "--weights", str(yolov5n_weights), "--fraction", "0.01", "--val-fraction", "0.01",
+            "--imgsz", "64", "--device", "cpu", "--cfgs", "yolov5n.yaml", "yolov5n-spdlite.yaml", "yolov5n-spd.yaml",
+            "--seeds", "0", "1", "--project", str(tmp_path), "--name", "p"]
+    df, study_dir = spd_study.main(argv)
+    assert len(evaluated) == 6 and df["seed"].tolist() == [0, 0, 0, 1, 1, 1]
+    s = pd.read_csv(study_dir / "summary.csv")
+    row = s.set_index("model").loc["yolov5n"]
+    assert row["seeds"] == 2 and row["APs_mean"] == pytest.approx(0.22) and row["APs_std"] == pytest.approx(0.04 / 2**0.5)
+    assert row["cpu_ms_mean"] == pytest.approx(10.5)
+    # spd: fewer APs at more GFLOPs than plain -> dominated; spdlite: cheapest -> on the front
+    assert s.set_index("model")["pareto"].to_dict() == {"yolov5n": True, "yolov5n-spdlite": True, "yolov5n-spd": False}
+    md = (study_dir / "summary.md").read_text()
+    assert "| yolov5n | transferred | 64 | 2 | 0.320 ± 0.028 | 0.500 ± 0.000 | 0.220 ± 0.028 |" in md
+    assert (study_dir / "pareto.png").stat().st_size > 0 and "seeds 0 1" in md
+
+    # resumable per (config, seed): a lost evaluation is redone, nothing else; a new seed adds only its runs
+    (study_dir / "yolov5n-spd-transferred-64-s1" / "study_row.json").unlink()
+    evaluated.clear()
+    spd_study.main([*argv, "--exist-ok"])
+    assert evaluated == [("yolov5n-spd", 1)]
+    evaluated.clear()
+    spd_study.main([*argv[:-7], "--seeds", "0", "1", "2", "--project", str(tmp_path), "--name", "p", "--exist-ok"])
+    assert sorted(evaluated) == [("yolov5n", 2), ("yolov5n-spd", 2), ("yolov5n-spdlite", 2)]
+    assert pd.read_csv(study_dir / "summary.csv")["seeds"].tolist() == [3, 3, 3]

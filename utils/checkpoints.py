@@ -38,7 +38,7 @@ def _official_allow_list() -> list:
         (yolo.DetectionModel, "models.yolo.DetectionModel"),
         (yolo.Detect, "models.yolo.Detect"),
     ]
-    for name in ("Conv", "DWConv", "Bottleneck", "C3", "SPP", "SPPF", "Focus", "Concat", "space_to_depth"):
+    for name in ("Conv", "DWConv", "Bottleneck", "C3", "SPP", "SPPF", "Focus", "SPDConv", "Concat", "space_to_depth"):
         ours.append((getattr(common, name), f"models.common.{name}"))
     torch_layers = [
         nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.ReLU, nn.LeakyReLU, nn.Hardswish, nn.Identity,

@@ -161,7 +161,7 @@ def intersect_dicts(da: dict, db: dict, exclude: tuple = ()) -> dict:
 
 
 def describe_transfer(loaded: dict, model_state: dict, source: str, target: str, detect_prefix: str,
-                      nc_from: int, nc_to: int) -> str:
+                      nc_from: int, nc_to: int, exact: bool = True) -> str:
     """One line for every weight transfer: how many tensors came over exactly, how many start fresh and why."""
     fresh = [k for k in model_state if k not in loaded]
     groups: dict[str, int] = {}
@@ -169,11 +169,13 @@ def describe_transfer(loaded: dict, model_state: dict, source: str, target: str,
         if k.startswith(detect_prefix) and k.endswith("anchors"):
             why = "anchors (from this run's config/AutoAnchor)"
         elif k.startswith(detect_prefix):
-            why = f"Detect outputs (nc={nc_to}, the weights have nc={nc_from})" if nc_to != nc_from else "Detect outputs (shape differs)"
+            why = (f"Detect outputs (nc={nc_to}, the weights have nc={nc_from})" if nc_to != nc_from
+                   else "Detect outputs of a new level or shape")
         else:
-            why = "layers with no same-shape tensor in the weights"
+            why = "tensors of layers new to this architecture (initialised as YOLOv5 does)"
         groups[why] = groups.get(why, 0) + 1
-    line = f"Transferred {len(loaded)}/{len(model_state)} tensors exactly from {source} into {target}"
+    how = "exactly" if exact else "approximately (nearest kernel taps: the model starts near, not at, the plain one)"
+    line = f"Transferred {len(loaded)}/{len(model_state)} tensors {how} from {source} into {target}"
     if groups:
         line += "; re-initialised " + ", ".join(f"{n} {why}" for why, n in groups.items())
     return line
