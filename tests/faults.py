@@ -221,3 +221,17 @@ def classification_faults(root: Path, classes: tuple[str, ...] = ("airplane", "c
             pl.usable.append(str(d / f"odd{split}_{name}"))
         planted[split] = pl
     return root, planted
+
+
+def onnx_with_metadata(src: Path, dst: Path, **meta: str) -> Path:
+    """A copy of an ONNX file with some metadata_props replaced or added (hostile names, strides, ...)."""
+    import onnx
+
+    m = onnx.load(str(src))
+    for p in m.metadata_props:
+        if p.key in meta:
+            p.value = meta.pop(p.key)
+    for k, v in meta.items():
+        m.metadata_props.add(key=k, value=v)
+    onnx.save(m, str(dst))
+    return dst

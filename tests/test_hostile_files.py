@@ -31,6 +31,7 @@ from classify import val as cls_val
 from models.backends import DetectMultiBackend
 from tests import faults
 from tests.conftest import shared_path
+from tests.faults import onnx_with_metadata
 from utils.checkpoints import atomic_save, load_model, make_checkpoint
 from utils.datasets import verify_image_label
 from utils.errors import UserError
@@ -175,22 +176,9 @@ def onnx_export(tmp_path_factory) -> Path:
     return export.run(weights=shutil.copy(w, d / "yolov5n.pt"), imgsz=[320], include=["onnx"], dynamic=True)["onnx"]
 
 
-def with_metadata(src: Path, dst: Path, **meta: str) -> Path:
-    import onnx
-
-    m = onnx.load(str(src))
-    for p in m.metadata_props:
-        if p.key in meta:
-            p.value = meta.pop(p.key)
-    for k, v in meta.items():
-        m.metadata_props.add(key=k, value=v)
-    onnx.save(m, str(dst))
-    return dst
-
-
 def test_traversal_class_names_in_onnx_metadata_write_nothing_outside_the_run(tmp_path, onnx_export, images_dir):
     names = traversal_names(tmp_path)
-    w = with_metadata(onnx_export, tmp_path / "named.onnx", names=json.dumps({str(k): v for k, v in names.items()}))
+    w = onnx_with_metadata(onnx_export, tmp_path / "named.onnx", names=json.dumps({str(k): v for k, v in names.items()}))
     _check_crops_stay_inside(w, tmp_path, images_dir)
 
 

@@ -28,6 +28,7 @@ import val
 from classify import predict as cls_predict
 from classify import val as cls_val
 from tests.conftest import shared_path
+from tests.faults import onnx_with_metadata
 from utils.checkpoints import FORMAT, atomic_save, load_model, make_checkpoint
 from utils.datasets import LoadImagesAndLabels
 from utils.errors import UserError
@@ -179,19 +180,6 @@ def onnx_export(tmp_path_factory) -> Path:
     return export.run(weights=shutil.copy(w, d / "yolov5n.pt"), imgsz=[160], include=["onnx"], dynamic=True)["onnx"]
 
 
-def _with_metadata(src: Path, dst: Path, **meta: str) -> Path:
-    import onnx
-
-    m = onnx.load(str(src))
-    for p in m.metadata_props:
-        if p.key in meta:
-            p.value = meta.pop(p.key)
-    for k, v in meta.items():
-        m.metadata_props.add(key=k, value=v)
-    onnx.save(m, str(dst))
-    return dst
-
-
 @pytest.mark.parametrize("meta", [{"names": json.dumps({"a": "x", "b": "y"})}, {"stride": "abc"}, {"stride": "0"},
                                   {"stride": "nan"}, {"stride": "-32"}, {"nc": "lots"}],
                          ids=["names-keys", "stride-abc", "stride-0", "stride-nan", "stride-neg", "nc-text"])
@@ -199,7 +187,7 @@ def test_bad_onnx_metadata_is_one_line(onnx_export, tmp_path, images_dir, capsys
     meta = dict(meta)
     if "nc" in meta:
         meta["names"] = ""
-    w = _with_metadata(onnx_export, tmp_path / "bad.onnx", **meta)
+    w = onnx_with_metadata(onnx_export, tmp_path / "bad.onnx", **meta)
     line = fails_cleanly(detect.main, ["--weights", str(w), "--source", str(images_dir / "bus.jpg"),
                                        "--project", str(tmp_path)], capsys)
     assert "metadata" in line
