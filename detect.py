@@ -23,11 +23,11 @@ if str(ROOT) not in sys.path:
 from models.backends import DetectMultiBackend  # noqa: E402
 from utils.annotator import Annotator, colors  # noqa: E402
 from utils.boxes import scale_boxes, xyxy2xywh, yolo_label_lines  # noqa: E402
-from utils.errors import UserError, report_user_errors  # noqa: E402
+from utils.errors import report_user_errors  # noqa: E402
 from utils.checks import check_line_thickness, check_thresholds  # noqa: E402
 from utils.files import append_text, check_writable, claim_run_dir, increment_path, open_video_writer, safe_name, write_image  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
-from utils.sources import VID_FORMATS, LoadImages, LoadStreams, is_stream  # noqa: E402
+from utils.sources import LoadImages, LoadStreams, is_stream  # noqa: E402
 from utils.torch_utils import check_img_size, select_device, time_sync  # noqa: E402
 from utils.words import plural  # noqa: E402
 
