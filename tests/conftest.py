@@ -28,3 +28,10 @@ def yolov5n_weights() -> Path:
 @pytest.fixture(scope="session")
 def images_dir() -> Path:
     return shared_path("images")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Run tests/test_mutations.py first: it copies the tree and runs pytest in subprocesses, and in a whole-suite
+    run its first subprocess start crashed the parent (SIGSEGV, twice) once earlier tests had loaded OpenVINO,
+    NNCF and ONNX Runtime thread pools into it. Started before them, it runs cleanly; the cause is not yet found."""
+    items.sort(key=lambda item: 0 if item.path.name == "test_mutations.py" else 1)  # stable: the rest keep their order
