@@ -33,5 +33,5 @@ def images_dir() -> Path:
 def pytest_collection_modifyitems(items: list) -> None:
     """Run tests/test_mutations.py first: it copies the tree and runs pytest in subprocesses, and in a whole-suite
     run its first subprocess start crashed the parent (SIGSEGV, twice) once earlier tests had loaded OpenVINO,
-    NNCF and ONNX Runtime thread pools into it. Started before them, it runs cleanly; the cause is not yet found."""
+    NNCF and ONNX Runtime thread pools into it. The cause is not found yet; .ci/run also keeps test_int8.py (OpenVINO/NNCF) in a process of its own."""
     items.sort(key=lambda item: 0 if item.path.name == "test_mutations.py" else 1)  # stable: the rest keep their order
