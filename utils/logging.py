@@ -1,11 +1,57 @@
-"""Training logs: results.csv (one row per epoch, safe across resumes) and TensorBoard scalars."""
+"""Messages (the project's `LOGGER`), training logs: results.csv (one row per epoch, safe across resumes) and
+TensorBoard scalars."""
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import sys
 from pathlib import Path
+
+LOGGER_NAME = "yolov5"
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a message is logged, so redirection and pytest's capture see it."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the live sys.stdout is always used
+        pass
+
+
+class _MessageFormatter(logging.Formatter):
+    """Plain text for information, 'WARNING: ...' / 'ERROR: ...' above it (the form the scripts always printed)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"{record.levelname}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def _make_logger() -> logging.Logger:
+    logger = logging.getLogger(LOGGER_NAME)
+    if not logger.handlers:
+        handler = _StdoutHandler()
+        handler.setFormatter(_MessageFormatter())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+LOGGER = _make_logger()
+
+
+def set_verbosity(quiet: bool = False, rank: int = -1) -> None:
+    """--quiet, and DDP ranks other than 0, keep only warnings and errors (every rank runs the same code)."""
+    LOGGER.setLevel(logging.WARNING if quiet or rank > 0 else logging.INFO)
 
 RESULT_KEYS = (
     "train/box_loss", "train/obj_loss", "train/cls_loss",
