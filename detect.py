@@ -21,14 +21,15 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 from models.backends import DetectMultiBackend  # noqa: E402
+from models.predictor import Predictor  # noqa: E402
 from utils.annotator import Annotator, colors  # noqa: E402
-from utils.boxes import scale_boxes, xyxy2xywh, yolo_label_lines  # noqa: E402
+from utils.boxes import xyxy2xywh, yolo_label_lines  # noqa: E402
 from utils.errors import report_user_errors  # noqa: E402
 from utils.checks import check_line_thickness, check_thresholds  # noqa: E402
 from utils.files import append_text, check_writable, claim_run_dir, increment_path, open_video_writer, safe_name, write_image  # noqa: E402
-from utils.nms import non_max_suppression  # noqa: E402
+from utils.logging import LOGGER, set_verbosity  # noqa: E402
 from utils.sources import LoadImages, LoadStreams, is_stream  # noqa: E402
-from utils.torch_utils import check_img_size, select_device, time_sync  # noqa: E402
+from utils.torch_utils import check_img_size, select_device  # noqa: E402
 from utils.words import plural  # noqa: E402
 
 
@@ -58,6 +59,111 @@ def save_one_box(xyxy, im: np.ndarray, file: Path, gain: float = 1.02, pad: int 
     return crop
 
 
+class DetectionWriter:
+    """Everything detect.py writes for one detection result: label txt, annotated image or video, crops."""
+
+    def __init__(self, save_dir: Path, names: dict, *, save_img: bool, save_txt: bool, save_conf: bool,
+                 save_crop: bool, view_img: bool, line_thickness: int, hide_labels: bool, hide_conf: bool):
+        self.save_dir, self.names = save_dir, names
+        self.save_img, self.save_txt, self.save_conf, self.save_crop = save_img, save_txt, save_conf, save_crop
+        self.view_img, self.line_thickness = view_img, line_thickness
+        self.hide_labels, self.hide_conf = hide_labels, hide_conf
+        self.videos: dict[str, cv2.VideoWriter] = {}  # one open writer: the video being read
+
+    def write(self, p: Path, im0: np.ndarray, im_raw: np.ndarray, det: torch.Tensor, frame: int, fps) -> None:
+        """`det`: (n, 6) in original pixels, highest confidence first; `fps` is None for still images."""
+        is_video = fps is not None
+        if self.save_txt:
+            txt_path = self.save_dir / "labels" / (p.stem + ("" if not is_video else f"_{frame}"))
+            lines = yolo_label_lines(det.cpu().flip(0), im0.shape, self.save_conf)  # ascending confidence, as YOLOv5
+            if lines:
+                append_text(f"{txt_path}.txt", "\n".join(lines) + "\n")
+        annotator = Annotator(im0, line_width=self.line_thickness)
+        if self.save_img or self.save_crop or self.view_img:
+            for *xyxy, conf, cls in reversed(det.tolist()):
+                c = int(cls)
+                if self.save_img or self.view_img:
+                    label = None if self.hide_labels else (self.names[c] if self.hide_conf else f"{self.names[c]} {conf:.2f}")
+                    annotator.box_label(xyxy, label or "", color=colors(c, bgr=True))
+                if self.save_crop:
+                    save_one_box(xyxy, im_raw, self.save_dir / "crops" / safe_name(self.names[c]) / f"{p.stem}.jpg")
+        im0 = annotator.result()
+        if self.view_img:
+            self._show(str(p), im0)
+        if self.save_img:
+            self._save(self.save_dir / p.name, im0, fps)
+
+    def _show(self, title: str, im: np.ndarray) -> None:
+        try:
+            cv2.imshow(title, im)
+            cv2.waitKey(1)
+        except cv2.error:
+            LOGGER.warning("--view-img needs an OpenCV build with GUI support; not showing images")
+            self.view_img = False
+
+    def _save(self, path: Path, im: np.ndarray, fps) -> None:
+        if fps is None:
+            write_image(str(path), im)
+            return
+        if str(path) not in self.videos:  # a new video: close the previous one
+            self.close()
+            h, w = im.shape[:2]
+            self.videos[str(path)] = open_video_writer(str(path.with_suffix(".mp4")), fps, (w, h))
+        self.videos[str(path)].write(im)
+
+    def close(self) -> None:
+        for w in self.videos.values():
+            w.release()
+        self.videos.clear()
+
+
+class ProgressReport:
+    """A line per image, or one progress bar per video (a line per frame would flood the terminal)."""
+
+    def __init__(self, verbose: bool):
+        self.verbose, self.bar = verbose, None
+
+    def update(self, path: str, line: str, is_video_file: bool, frames: int, infer_s: float) -> None:
+        if not self.verbose:
+            return
+        if is_video_file:
+            if self.bar is None or self.bar.desc != str(path):
+                self.close()
+                self.bar = tqdm(total=frames, desc=str(path), unit="frame")
+            self.bar.update(1)
+            self.bar.set_postfix_str(line.split(": ", 1)[-1][-60:])
+        else:
+            self.close()
+            print(f"{line}, {infer_s * 1e3:.1f}ms")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def load_detector(weights, device, data, half: bool, trust_weights: bool, imgsz, verbose: bool):
+    """The model and the input size it will run at (a fixed-shape export runs at its own)."""
+    data_dict = None
+    if data:
+        from utils.data_config import check_dataset
+
+        data_dict = check_dataset(data, autodownload=False)
+    model = DetectMultiBackend(weights, device=device, fp16=half, data=data_dict, trust_weights=trust_weights)
+    imgsz = check_img_size(imgsz, model.stride)
+    imgsz = imgsz * 2 if len(imgsz) == 1 else imgsz
+    if model.pt and verbose:
+        print("Fusing layers... ", end="")
+        model.model.info(img_size=max(imgsz))
+    auto = True
+    if model.fixed_imgsz is not None:  # a fixed-shape export can only run at the shape it was traced at
+        if tuple(imgsz) != tuple(model.fixed_imgsz):
+            LOGGER.info(f"Note: {Path(str(weights)).name} is a fixed-shape export: running at its export size "
+                        f"{model.fixed_imgsz[0]}x{model.fixed_imgsz[1]} instead of {imgsz[0]}x{imgsz[1]}")
+        imgsz, auto = list(model.fixed_imgsz), False
+    return model, list(imgsz), auto
+
+
 @torch.inference_mode()
 def run(
     weights="yolov5s.pt",
@@ -76,8 +182,6 @@ def run(
     classes=None,
     agnostic_nms=False,
     augment=False,
-    visualize=False,
-    update=False,
     project=ROOT / "runs/detect",
     name="exp",
     exist_ok=False,
@@ -85,148 +189,69 @@ def run(
     hide_labels=False,
     hide_conf=False,
     half=False,
-    dnn=False,
     vid_stride=1,
     verbose=True,
     trust_weights=False,
+    quiet=False,
 ) -> dict:
     """Detect objects in `source`; returns {'save_dir', 'results': [(path, det tensor n x 6 in original pixels)]}."""
-    source = str(source)
-    save_img = not nosave
-    webcam = is_stream(source)
+    source, webcam = str(source), is_stream(str(source))
+    verbose = verbose and not quiet
     check_thresholds(conf_thres, iou_thres, max_det)
     check_line_thickness(line_thickness)
     check_writable(project)
-
-    device = select_device(device)
-    data_dict = None
-    if data:
-        from utils.data_config import check_dataset
-
-        data_dict = check_dataset(data, autodownload=False)
-    model = DetectMultiBackend(weights, device=device, fp16=half, data=data_dict, trust_weights=trust_weights)
-    stride, names = model.stride, model.names
-    imgsz = check_img_size(imgsz, stride)
-    imgsz = imgsz * 2 if len(imgsz) == 1 else imgsz
-    if model.pt and verbose:
-        print("Fusing layers... ", end="")
-        model.model.info(img_size=max(imgsz))
-    auto = True
-    if model.fixed_imgsz is not None:  # a fixed-shape export can only run at the shape it was traced at
-        if tuple(imgsz) != tuple(model.fixed_imgsz):
-            print(f"Note: {Path(str(weights)).name} is a fixed-shape export: running at its export size "
-                  f"{model.fixed_imgsz[0]}x{model.fixed_imgsz[1]} instead of {imgsz[0]}x{imgsz[1]}")
-        imgsz, auto = list(model.fixed_imgsz), False
-
-    if webcam:
-        dataset = LoadStreams(source, img_size=imgsz, stride=stride, auto=auto, vid_stride=vid_stride)
-    else:
-        dataset = LoadImages(source, img_size=imgsz, stride=stride, auto=auto, vid_stride=vid_stride)
+    model, imgsz, auto = load_detector(weights, select_device(device), data, half, trust_weights, imgsz, verbose)
+    loader = LoadStreams if webcam else LoadImages
+    dataset = loader(source, img_size=imgsz, stride=model.stride, auto=auto, vid_stride=vid_stride)
     model.warmup(imgsz=(1, 3, *imgsz))
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # made only once inputs are known good
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
     claim_run_dir(save_dir)
 
-    seen, dt = 0, [0.0, 0.0, 0.0]
-    results = []
+    names = model.names
+    predictor = Predictor(model, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, classes=classes,
+                          agnostic=agnostic_nms, augment=augment, half=model.fp16)
+    writer = DetectionWriter(save_dir, names, save_img=not nosave, save_txt=save_txt, save_conf=save_conf,
+                             save_crop=save_crop, view_img=view_img, line_thickness=line_thickness,
+                             hide_labels=hide_labels, hide_conf=hide_conf)
+    progress = ProgressReport(verbose)
+    seen, results = 0, []
     shapes: list[tuple[int, ...]] = []  # the network input shapes that actually ran, for the speed line
-    writers: dict[str, cv2.VideoWriter] = {}
-    bar = None
     for path, im, im0s, cap, s in dataset:
-        t0 = time_sync()
-        x = torch.from_numpy(im).to(device)
-        x = (x.half() if model.fp16 else x.float()) / 255
-        if x.ndim == 3:
-            x = x[None]
+        infer_before = predictor.times[1]
+        x, dets = predictor.predict(im, [x.shape for x in im0s] if webcam else [im0s.shape])
         if tuple(x.shape) not in shapes:
             shapes.append(tuple(x.shape))
-        t1 = time_sync()
-        pred = model(x, augment=augment)
-        t2 = time_sync()
-        pred = non_max_suppression(pred, conf_thres, iou_thres, classes, agnostic_nms, max_det=max_det)
-        t3 = time_sync()
-        dt[0] += t1 - t0
-        dt[1] += t2 - t1
-        dt[2] += t3 - t2
-
-        for i, det in enumerate(pred):
+        for i, det in enumerate(dets):
             seen += 1
             if webcam:
-                p, im0, frame = Path(path[i]), im0s[i].copy(), dataset.count
-                s = f"{i}: "
+                p, im0, frame, s = Path(path[i]), im0s[i].copy(), dataset.count, f"{i}: "
             else:
                 p, im0, frame = Path(path), im0s.copy(), getattr(dataset, "frame", 0)
             is_video = cap is not None or webcam
-            save_path = str(save_dir / p.name)
-            txt_path = save_dir / "labels" / (p.stem + ("" if not is_video else f"_{frame}"))
-            s += "%gx%g " % x.shape[2:]
-            det[:, :4] = scale_boxes(x.shape[2:], det[:, :4], im0.shape).round()
-            s += describe(det, names)
+            det[:, :4] = det[:, :4].round()
+            s += "%gx%g " % x.shape[2:] + describe(det, names)
             results.append((str(p) if not is_video else f"{p}:{frame}", det.cpu()))
-
-            if save_txt:
-                lines = yolo_label_lines(det.cpu().flip(0), im0.shape, save_conf)  # ascending confidence, as YOLOv5
-                if lines:
-                    append_text(f"{txt_path}.txt", "\n".join(lines) + "\n")
-            annotator = Annotator(im0, line_width=line_thickness)
-            if save_img or save_crop or view_img:
-                for *xyxy, conf, cls in reversed(det.tolist()):
-                    c = int(cls)
-                    if save_img or view_img:
-                        label = None if hide_labels else (names[c] if hide_conf else f"{names[c]} {conf:.2f}")
-                        annotator.box_label(xyxy, label or "", color=colors(c, bgr=True))
-                    if save_crop:
-                        save_one_box(xyxy, im0s[i] if webcam else im0s, save_dir / "crops" / safe_name(names[c]) / f"{p.stem}.jpg")
-            im0 = annotator.result()
-            if view_img:
-                try:
-                    cv2.imshow(str(p), im0)
-                    cv2.waitKey(1)
-                except cv2.error:
-                    print("WARNING: --view-img needs an OpenCV build with GUI support; not showing images")
-                    view_img = False
-            if save_img:
-                if not is_video:
-                    write_image(save_path, im0)
-                else:
-                    if save_path not in writers:
-                        for w in writers.values():
-                            w.release()
-                        writers.clear()
-                        fps = cap.get(cv2.CAP_PROP_FPS) if cap is not None else dataset.fps[i]
-                        h, w = im0.shape[:2]
-                        save_path = str(Path(save_path).with_suffix(".mp4"))
-                        writers[str(save_dir / p.name)] = open_video_writer(save_path, fps, (w, h))
-                    writers[str(save_dir / p.name)].write(im0)
-
-        if verbose:
-            if cap is not None and not webcam:  # a video: one progress bar instead of a line per frame
-                if bar is None or bar.desc != str(path):
-                    if bar is not None:
-                        bar.close()
-                    bar = tqdm(total=dataset.frames, desc=str(path), unit="frame")
-                bar.update(1)
-                bar.set_postfix_str(s.split(": ", 1)[-1][-60:])
-            else:
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                print(f"{s}, {(t2 - t1) * 1e3:.1f}ms")
-    if bar is not None:
-        bar.close()
-    for w in writers.values():
-        w.release()
-
+            fps = (cap.get(cv2.CAP_PROP_FPS) if cap is not None else dataset.fps[i]) if is_video else None
+            writer.write(p, im0, im0s[i] if webcam else im0s, det, frame, fps)
+        progress.update(path, s, cap is not None and not webcam, getattr(dataset, "frames", 0),
+                        predictor.times[1] - infer_before)
+    progress.close()
+    writer.close()
     if verbose:
-        per = tuple(x / max(seen, 1) * 1e3 for x in dt)
-        shown = ", ".join(map(str, shapes[:3])) + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else "")
-        print(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape{'s' * (len(shapes) > 1)} "
-              f"{shown or (1, 3, *imgsz)}" % per)
-        if save_txt or save_img:
-            n = len(list(save_dir.glob("labels/*.txt")))
-            extra = f"\n{n} label{'s' * (n != 1)} saved to {save_dir / 'labels'}" if save_txt else ""
-            print(f"Results saved to {save_dir}{extra}")
+        print_summary(predictor.times, seen, shapes, imgsz, save_dir, save_txt, save_txt or not nosave)
     return {"save_dir": save_dir, "results": results, "names": names}
+
+
+def print_summary(times: list, seen: int, shapes: list, imgsz: list, save_dir: Path, save_txt: bool, saved: bool) -> None:
+    per = tuple(x / max(seen, 1) * 1e3 for x in times)
+    shown = ", ".join(map(str, shapes[:3])) + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else "")
+    print(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape{'s' * (len(shapes) > 1)} "
+          f"{shown or (1, 3, *imgsz)}" % per)
+    if saved:
+        n = len(list(save_dir.glob("labels/*.txt")))
+        extra = f"\n{n} label{'s' * (n != 1)} saved to {save_dir / 'labels'}" if save_txt else ""
+        print(f"Results saved to {save_dir}{extra}")
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -256,6 +281,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
     parser.add_argument("--vid-stride", type=int, default=1, help="video frame-rate stride")
     parser.add_argument("--trust-weights", action="store_true", help="allow TorchScript weights (loading them runs their code)")
+    parser.add_argument("--quiet", action="store_true", help="print only warnings and errors")
     opt = parser.parse_args(argv)
     if isinstance(opt.weights, list) and len(opt.weights) == 1:
         opt.weights = opt.weights[0]
@@ -265,6 +291,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
 @report_user_errors
 def main(argv: list[str] | None = None) -> dict:
     opt = parse_opt(argv)
+    set_verbosity(opt.quiet)
     return run(**vars(opt))
 
 

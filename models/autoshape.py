@@ -22,11 +22,10 @@ import torch.nn as nn
 from PIL import Image, ImageOps
 
 from utils.annotator import Annotator, colors
-from utils.augmentations import letterbox
-from utils.boxes import scale_boxes, xyxy2xywh
+from models.predictor import Predictor
+from utils.boxes import xyxy2xywh
 from utils.errors import UserError
 from utils.files import increment_path, safe_name, write_image
-from utils.nms import non_max_suppression
 
 
 def _read_image(im, i: int) -> tuple[np.ndarray, str]:
@@ -105,29 +104,18 @@ class AutoShape(nn.Module):
         if not batch:
             raise UserError("no images given")
         size = (size, size) if isinstance(size, int) else tuple(size)
-        images, files, shape1 = [], [], []
+        images, files = [], []
         for i, im in enumerate(batch):
             im, name = _read_image(im, i)
             images.append(im)
             files.append(Path(name).with_suffix(".jpg").name)
-            g = max(size) / max(im.shape[:2])  # longest side to the requested size
-            shape1.append([im.shape[0] * g, im.shape[1] * g])
-        if self.fixed_imgsz is not None:  # a fixed-shape export only runs at its own size
-            shape1 = list(self.fixed_imgsz)
-        else:
-            shape1 = [int(-(-int(round(x)) // self.stride) * self.stride) for x in np.array(shape1).max(0)]
-        x = np.stack([letterbox(im, shape1, auto=False)[0] for im in images])
-        x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device).type(dtype) / 255
-        t1 = time.perf_counter()
-
-        with torch.autocast(device.type, enabled=self.amp and device.type == "cuda"):
-            y = self.model(x, augment=augment)
-        t2 = time.perf_counter()
-        pred = non_max_suppression(y, self.conf, self.iou, self.classes, self.agnostic, self.multi_label,
-                                   max_det=self.max_det)
-        for det, im in zip(pred, images):
-            scale_boxes(shape1, det[:, :4], im.shape)
-        t3 = time.perf_counter()
+        predictor = Predictor(self.model, conf_thres=self.conf, iou_thres=self.iou, max_det=self.max_det,
+                              classes=self.classes, agnostic=self.agnostic, multi_label=self.multi_label,
+                              augment=augment, half=dtype == torch.half, amp=self.amp)
+        t_read = time.perf_counter()
+        x, pred = predictor.predict_images(images, size, self.stride, self.fixed_imgsz)
+        t1 = t_read + predictor.times[0]
+        t2, t3 = t1 + predictor.times[1], t1 + predictor.times[1] + predictor.times[2]
         return Detections(images, pred, files, (t0, t1, t2, t3), self.names, tuple(x.shape))
 
 
