@@ -19,34 +19,78 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
+from engine.evaluate import EvalOutputs, EvalRecord, format_metric, predict_dataset, summarize  # noqa: E402,F401
 from models.backends import DetectMultiBackend  # noqa: E402
-from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh, yolo_label_lines  # noqa: E402
+from models.predictor import Predictor  # noqa: E402
 from utils.checkpoints import checkpoint_val_settings  # noqa: E402
-from utils.coco import append_predictions, coco80_to_coco91_class, run_pycocotools, yolo_labels_to_coco_gt  # noqa: E402
+from utils.coco import coco80_to_coco91_class, run_pycocotools, yolo_labels_to_coco_gt  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.checks import check_thresholds, check_workers  # noqa: E402
-from utils.files import append_text, check_writable, increment_path  # noqa: E402
-from utils.metrics import COCOStyleEvaluator, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
-from utils.nms import non_max_suppression  # noqa: E402
-from utils.plots import plot_images  # noqa: E402
-from utils.torch_utils import check_img_size, select_device, time_sync  # noqa: E402
+from utils.files import check_writable, increment_path  # noqa: E402
+from utils.logging import LOGGER, set_verbosity  # noqa: E402
+from utils.results import ValResult  # noqa: E402
+from utils.torch_utils import check_img_size, select_device  # noqa: E402
 
-HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
-ROW = "%22s" + "%11i" * 2 + "%11.3g" * 4
 TASKS = ("train", "val", "test", "speed", "study")
-
-
-def format_metric(v: float) -> str:
-    """Three significant digits, as YOLOv5's table prints them (7.78e-05, not 0.000); n/a where undefined (-1)."""
-    return f"{v:.3g}" if v >= 0 else "n/a"
 
 
 def is_coco_dataset(data: dict) -> bool:
     val = data.get("val")
     val = val[0] if isinstance(val, list) and val else val
     return isinstance(val, str) and val.replace("\\", "/").endswith("coco/val2017.txt")
+
+
+def load_val_model(weights, device, half: bool, data: dict, trust_weights: bool, imgsz: int, batch_size: int):
+    """The model, and the image size and batch it must run at (a fixed-shape export forces its own)."""
+    model = DetectMultiBackend(weights, device=device, fp16=half and device.type != "cpu", data=data,
+                               trust_weights=trust_weights)
+    imgsz = check_img_size(imgsz, model.stride)
+    if model.pt:
+        print("Fusing layers... ", end="")
+        model.model.info(img_size=imgsz)
+    forced = []
+    if model.batch and model.batch != batch_size:  # a fixed-batch export is fed exactly that many images at a time
+        forced.append(f"batch {model.batch} (not --batch-size {batch_size})")
+        batch_size = model.batch
+    if model.fixed_imgsz is not None:
+        if imgsz != model.fixed_imgsz[0]:
+            forced.append(f"size {model.fixed_imgsz[0]} (not --imgsz {imgsz})")
+        imgsz = model.fixed_imgsz[0]
+    if forced:
+        LOGGER.info(f"Note: {Path(str(weights)).name} is a fixed-shape export: evaluating at its export " + " and ".join(forced))
+    return model, imgsz, batch_size
+
+
+def val_names(data: dict, model_names: dict, single_cls: bool) -> dict:
+    """Class names to report: the dataset's (else the model's); one 'item' class with --single-cls."""
+    if single_cls:
+        return {0: "item"}
+    names = data.get("names") or model_names
+    return {int(k): v for k, v in (names.items() if isinstance(names, dict) else enumerate(names))}
+
+
+def pycocotools_check(result: ValResult, rec: EvalRecord, data: dict, names: dict, weights, save_dir: Path,
+                      class_map: list) -> None:
+    """--save-json: write the predictions (and the ground truth, for any YOLO dataset) and let pycocotools
+    recompute mAP and the area APs, which then replace the ones in `result`."""
+    pred_json = save_dir / f"{Path(str(weights)).stem if weights else 'model'}_predictions.json"
+    pred_json.write_text(json.dumps(rec.jdict))
+    LOGGER.info(f"Saved {len(rec.jdict)} predictions to {pred_json}")
+    anno_json = Path(data.get("path", "")) / "annotations" / "instances_val2017.json"
+    if not (is_coco_dataset(data) and anno_json.is_file()):  # any YOLO dataset: write its ground truth as COCO json
+        g = rec.gt_records
+        gt = yolo_labels_to_coco_gt([x[0] for x in g], [x[1] for x in g], [x[2] for x in g], names, class_map=class_map)
+        anno_json = save_dir / "ground_truth_coco.json"
+        anno_json.write_text(json.dumps(gt))
+        LOGGER.info(f"Wrote the ground truth as COCO json to {anno_json}")
+    try:
+        cs = run_pycocotools(anno_json, pred_json)
+        result.map, result.map50 = cs[0], cs[1]
+        result.aps, result.apm, result.apl = (max(x, 0.0) for x in cs[3:6])
+    except Exception as e:  # pycocotools is a cross-check; its failure must not lose the results above
+        LOGGER.warning(f"pycocotools evaluation failed: {e}")
 
 
 @torch.no_grad()
@@ -72,220 +116,50 @@ def run(
     name="exp",
     exist_ok=False,
     half=True,
-    model=None,
-    dataloader=None,
-    save_dir=Path(""),
     plots=True,
-    compute_loss=None,
     trust_weights=False,
-):
-    """Evaluate; returns ((P, R, mAP50, mAP50-95, APs, APm, APl, *val_losses), per-class mAP50-95, (pre, inf, nms) ms).
-
-    Called by train.py with `model` (a DetectionModel) and `dataloader`; otherwise builds both from
-    `weights` and `data`.
-    """
-    training = model is not None
-    if training:
-        device = next(model.parameters()).device
-        half &= device.type != "cpu"
-        model.half() if half else model.float()
-        stride = int(model.stride.max())
-        names = dict(model.names)
-        pt = True
-    else:
-        if task not in TASKS:
-            raise UserError(f"--task must be one of {TASKS}, got '{task}'")
-        if weights is None:
-            raise UserError("--weights is required")
-        check_thresholds(conf_thres, iou_thres, max_det)
-        check_workers(workers)
-        check_writable(project)
-        device = select_device(device, batch_size=batch_size)
-        save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
-        data = check_dataset(data)
-        model = DetectMultiBackend(weights, device=device, fp16=half and device.type != "cpu", data=data,
-                                   trust_weights=trust_weights)
-        half = model.fp16
-        stride, names = model.stride, dict(model.names)
-        pt = model.fixed_imgsz is None  # rectangular batches for any format that accepts any shape
-        imgsz = check_img_size(imgsz, stride)
-        if model.pt:
-            print("Fusing layers... ", end="")
-            model.model.info(img_size=imgsz)
-        forced = []
-        if model.batch and model.batch != batch_size:  # a fixed-batch export is fed exactly that many images at a time
-            forced.append(f"batch {model.batch} (not --batch-size {batch_size})")
-            batch_size = model.batch
-        if model.fixed_imgsz is not None:
-            if imgsz != model.fixed_imgsz[0]:
-                forced.append(f"size {model.fixed_imgsz[0]} (not --imgsz {imgsz})")
-            imgsz = model.fixed_imgsz[0]
-            pt = False  # no rectangular batches for a fixed input shape
-        if forced:
-            print(f"Note: {Path(str(weights)).name} is a fixed-shape export: evaluating at its export " + " and ".join(forced))
-        (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
-    if isinstance(data, (str, Path)):
-        data = check_dataset(data)
+    quiet=False,
+) -> ValResult:
+    """Evaluate `weights` on the `task` split of `data`; returns a ValResult (metrics, per-class mAP, speed)."""
+    if task not in TASKS:
+        raise UserError(f"--task must be one of {TASKS}, got '{task}'")
+    if weights is None:
+        raise UserError("--weights is required")
+    check_thresholds(conf_thres, iou_thres, max_det)
+    check_workers(workers)
+    check_writable(project)
+    device = select_device(device, batch_size=batch_size)
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+    data = check_dataset(data)
+    model, imgsz, batch_size = load_val_model(weights, device, half, data, trust_weights, imgsz, batch_size)
+    (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
     model.eval()
     nc = 1 if single_cls else int(data["nc"])
-    if not training and not single_cls and len(names) != nc:
-        raise UserError(f"{weights} has {len(names)} classes but the dataset has {nc}: pass matching --data or --single-cls")
-    data_names = data.get("names") or names
-    names = {int(k): v for k, v in (data_names.items() if isinstance(data_names, dict) else enumerate(data_names))}
-    if single_cls:
-        names = {0: "item"}
-    iouv = torch.linspace(0.5, 0.95, 10, device=device)
-    niou = iouv.numel()
+    if not single_cls and len(model.names) != nc:
+        raise UserError(f"{weights} has {len(model.names)} classes but the dataset has {nc}: pass matching --data or --single-cls")
+    names = val_names(data, dict(model.names), single_cls)
+    split = task if task in ("train", "val", "test") else "val"
+    if not data.get(split):
+        raise UserError(f"dataset has no '{split}' split")
+    rect = model.fixed_imgsz is None and task != "speed"  # rectangular batches for any format that accepts any shape
+    dataloader = create_dataloader(data[split], imgsz, batch_size, model.stride, single_cls, pad=0.0 if task == "speed" else 0.5,
+                                   rect=rect, workers=workers, prefix=f"{split}: ", nc=int(data["nc"]))[0]
 
-    if dataloader is None:
-        split = task if task in ("train", "val", "test") else "val"
-        if not data.get(split):
-            raise UserError(f"dataset has no '{split}' split")
-        pad, rect = (0.0, False) if task == "speed" else (0.5, pt)
-        dataloader = create_dataloader(data[split], imgsz, batch_size, stride, single_cls, pad=pad, rect=rect,
-                                       workers=workers, prefix=f"{split}: ", nc=int(data["nc"]))[0]
-
-    is_coco = is_coco_dataset(data)
-    class_map = coco80_to_coco91_class() if is_coco else list(range(1000))
-    confusion_matrix = ConfusionMatrix(nc=nc)
-    coco_eval = COCOStyleEvaluator()
-    seen = 0
-    dt = [0.0, 0.0, 0.0]
-    loss = torch.zeros(3, device=device)
-    stats, jdict, gt_records = [], [], []
-    p = r = mp = mr = map50 = ap50 = mapv = 0.0
-    bar = tqdm(dataloader, desc=HEADER, bar_format="{l_bar}{bar:10}{r_bar}")
-    for batch_i, (im, targets, paths, shapes) in enumerate(bar):
-        t1 = time_sync()
-        im = im.to(device, non_blocking=True)
-        targets = targets.to(device)
-        im = (im.half() if half else im.float()) / 255
-        nb, _, height, width = im.shape
-        t2 = time_sync()
-        dt[0] += t2 - t1
-
-        if training:
-            out = model(im, augment=augment)
-            preds, train_out = (out[0], out[1]) if isinstance(out, (list, tuple)) else (out, None)
-        else:
-            preds, train_out = model(im, augment=augment), None
-        dt[1] += time_sync() - t2
-
-        if compute_loss is not None and train_out is not None:
-            loss += compute_loss(train_out, targets)[1]
-
-        targets[:, 2:] *= torch.tensor((width, height, width, height), device=device)
-        lb = [targets[targets[:, 0] == i, 1:] for i in range(nb)] if save_hybrid else []
-        t3 = time_sync()
-        preds = non_max_suppression(preds, conf_thres, iou_thres, labels=lb, multi_label=True, agnostic=single_cls,
-                                    max_det=max_det)
-        dt[2] += time_sync() - t3
-
-        for si, pred in enumerate(preds):
-            labels = targets[targets[:, 0] == si, 1:]
-            nl, npr = labels.shape[0], pred.shape[0]
-            path, shape = Path(paths[si]), shapes[si][0]
-            correct = torch.zeros(npr, niou, dtype=torch.bool, device=device)
-            seen += 1
-            tbox = xywh2xyxy(labels[:, 1:5])
-            scale_boxes(im[si].shape[1:], tbox, shape, shapes[si][1])  # native-space labels
-            labelsn = torch.cat((labels[:, 0:1], tbox), 1)
-            if save_json:
-                gt_records.append((str(path), labelsn.cpu().numpy(), shape))
-
-            if npr == 0:
-                if nl:
-                    stats.append((correct, *torch.zeros((2, 0), device=device), labels[:, 0]))
-                    if plots:
-                        confusion_matrix.process_batch(None, labels[:, 0])
-                coco_eval.update(len(coco_eval), None, None, None, labelsn[:, 1:], labelsn[:, 0])
-                continue
-
-            if single_cls:
-                pred[:, 5] = 0
-            predn = pred.clone()
-            scale_boxes(im[si].shape[1:], predn[:, :4], shape, shapes[si][1])  # native-space predictions
-            if nl:
-                correct = match_predictions(predn, labelsn, iouv)
-                if plots:
-                    confusion_matrix.process_batch(predn, labelsn)
-            stats.append((correct, pred[:, 4], pred[:, 5], labels[:, 0]))
-            coco_eval.update(len(coco_eval), predn[:, :4], predn[:, 4], predn[:, 5], labelsn[:, 1:], labelsn[:, 0])
-
-            if save_txt:
-                append_text(save_dir / "labels" / f"{path.stem}.txt",
-                            "".join(line + "\n" for line in yolo_label_lines(predn.cpu(), shape, save_conf)))
-            if save_json:
-                append_predictions(jdict, predn, path, class_map)
-
-        if plots and batch_i < 3:
-            plot_images(im, targets, paths, save_dir / f"val_batch{batch_i}_labels.jpg", names)
-            pred_rows = [torch.cat((torch.full((len(d), 1), i, device=d.device), d[:, 5:6], xyxy2xywh(d[:, :4]), d[:, 4:5]), 1)
-                         for i, d in enumerate(preds)]
-            plot_images(im, torch.cat(pred_rows, 0) if pred_rows else torch.zeros((0, 7)), paths,
-                        save_dir / f"val_batch{batch_i}_pred.jpg", names)
-
-    # metrics
-    stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*stats)]
-    ap_class = np.array([], dtype=int)
-    ap = np.zeros((0, niou))
-    if len(stats) and stats[0].any():
-        tp, fp, p, r, f1, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
-        ap50, ap = ap[:, 0], ap.mean(1)
-        mp, mr, map50, mapv = p.mean(), r.mean(), ap50.mean(), ap.mean()
-    nt = np.bincount(stats[3].astype(int), minlength=nc) if len(stats) else np.zeros(nc, dtype=int)
-    area = coco_eval.summarize()
-    aps, apm, apl = (max(area[k], 0.0) for k in ("APs", "APm", "APl"))
-
-    print(HEADER)
-    print(ROW % ("all", seen, nt.sum(), mp, mr, map50, mapv))
-    if nt.sum() == 0:
-        print(f"WARNING: no labels found in {task} set, cannot compute metrics without labels")
-    if (verbose or (nc < 50 and not training)) and nc > 1 and len(stats):
-        row_of = {int(c): i for i, c in enumerate(ap_class)}
-        for c in np.flatnonzero(nt):  # every class with labels, also those without a single true positive
-            i = row_of.get(int(c))
-            print(ROW % (names[c], seen, nt[c], *((p[i], r[i], ap50[i], ap[i]) if i is not None else (0, 0, 0, 0))))
-    fmt = format_metric
-    print(f"{'Small objects (COCO areas)':>22}   APs {fmt(area['APs'])}   APm {fmt(area['APm'])}   APl {fmt(area['APl'])}"
-          f"   (AP {fmt(area['AP'])}, AP50 {fmt(area['AP50'])}, COCO-style 101-point, maxDets 100)")
-
-    t = tuple(x / max(seen, 1) * 1e3 for x in dt)
-    if not training:
-        shape = (batch_size, 3, imgsz, imgsz)
-        print(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % t)
-    if plots:
-        confusion_matrix.plot(save_dir=save_dir, names=list(names.values()))
-
-    if save_json and len(jdict):
-        pred_json = save_dir / f"{Path(str(weights)).stem if weights else 'model'}_predictions.json"
-        pred_json.write_text(json.dumps(jdict))
-        print(f"Saved {len(jdict)} predictions to {pred_json}")
-        anno_json = Path(data.get("path", "")) / "annotations" / "instances_val2017.json"
-        if not (is_coco and anno_json.is_file()):  # any YOLO dataset: write its ground truth as COCO json
-            im_files = [g[0] for g in gt_records]
-            gt = yolo_labels_to_coco_gt(im_files, [g[1] for g in gt_records], [g[2] for g in gt_records], names,
-                                        class_map=class_map)
-            anno_json = save_dir / "ground_truth_coco.json"
-            anno_json.write_text(json.dumps(gt))
-            print(f"Wrote the ground truth as COCO json to {anno_json}")
-        try:
-            cs = run_pycocotools(anno_json, pred_json)
-            mapv, map50 = cs[0], cs[1]
-            aps, apm, apl = (max(x, 0.0) for x in cs[3:6])
-        except Exception as e:  # pycocotools is a cross-check; its failure must not lose the results above
-            print(f"WARNING: pycocotools evaluation failed: {e}")
-
-    model.float()
-    if not training:
-        n = len(list(save_dir.glob("labels/*.txt")))
-        extra = f"\n{n} labels saved to {save_dir / 'labels'}" if save_txt else ""
-        print(f"Results saved to {save_dir}{extra}")
-    maps = np.zeros(nc) + mapv
-    for i, c in enumerate(ap_class):
-        maps[c] = ap[i]
-    losses = (loss.cpu() / max(len(dataloader), 1)).tolist()
-    return (mp, mr, map50, mapv, aps, apm, apl, *losses), maps, t
+    class_map = coco80_to_coco91_class() if is_coco_dataset(data) else list(range(1000))
+    out = EvalOutputs(save_dir=save_dir, plots=plots, save_txt=save_txt, save_conf=save_conf, save_json=save_json,
+                      class_map=class_map)
+    predictor = Predictor(model, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, multi_label=True,
+                          agnostic=single_cls, augment=augment, half=model.fp16)
+    rec = predict_dataset(predictor, dataloader, nc, names, single_cls=single_cls, save_hybrid=save_hybrid, out=out)
+    result = summarize(rec, names, plots=plots, save_dir=save_dir, verbose=verbose, per_class=nc < 50, task=task)
+    result.speed = tuple(x / max(rec.seen, 1) * 1e3 for x in predictor.times)
+    print(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(batch_size, 3, imgsz, imgsz)}"
+          % result.speed)
+    if save_json and len(rec.jdict):
+        pycocotools_check(result, rec, data, names, weights, save_dir, class_map)
+    n = len(list(save_dir.glob("labels/*.txt")))
+    LOGGER.info(f"Results saved to {save_dir}" + (f"\n{n} labels saved to {save_dir / 'labels'}" if save_txt else ""))
+    return result
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -314,6 +188,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
     parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
     parser.add_argument("--trust-weights", action="store_true", help="allow TorchScript weights (loading them runs their code)")
+    parser.add_argument("--quiet", action="store_true", help="print only warnings, errors and the results table")
     opt = parser.parse_args(argv)
     opt.save_txt |= opt.save_hybrid
     if opt.batch_size is not None and opt.batch_size < 1:
@@ -333,8 +208,8 @@ def study(opt: argparse.Namespace) -> None:
     rows = []
     for size in range(256, 1536 + 128, 128):
         print(f"\nRunning at --imgsz {size}...")
-        metrics, _, t = run(**{**vars(opt), "imgsz": size, "task": "val", "plots": False})
-        rows.append([size, *metrics[:7], *t])
+        r = run(**{**vars(opt), "imgsz": size, "task": "val", "plots": False})
+        rows.append([size, r.precision, r.recall, r.map50, r.map, r.aps, r.apm, r.apl, *r.speed])
     name = f"study_{Path(str(opt.data)).stem}_{Path(str(opt.weights)).stem}"
     out = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
     np.savetxt(out / f"{name}.txt", np.array(rows), fmt="%10.4g")
@@ -381,7 +256,9 @@ def apply_training_settings(opt: argparse.Namespace) -> argparse.Namespace:
 
 @report_user_errors
 def main(argv: list[str] | None = None):
-    opt = apply_training_settings(parse_opt(argv))
+    opt = parse_opt(argv)
+    set_verbosity(opt.quiet)
+    opt = apply_training_settings(opt)
     if opt.task in ("train", "val", "test"):
         return run(**vars(opt))
     if opt.task == "speed":

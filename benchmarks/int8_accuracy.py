@@ -68,8 +68,8 @@ def evaluate(weights: Path, data: str, imgsz: int) -> tuple[float, float]:
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         r = val.run(data, weights=str(weights), imgsz=imgsz, batch_size=1, project=weights.parent / "val",
-                    plots=False)[0]
-    return round(float(r[3]), 4), round(float(r[4]), 4)  # mAP50-95, APs
+                    plots=False)
+    return round(float(r.map), 4), round(float(r.aps), 4)  # mAP50-95, APs
 
 
 def run(models: list[str], data: str, imgsz: int, calib_images: int, out: str) -> list[dict]:

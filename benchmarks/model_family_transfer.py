@@ -73,8 +73,9 @@ def run(cfgs: list[str], weights: Path, data: str, images: Path, imgsz: int) -> 
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in ["plain", *cfgs]:
             w = weights if cfg == "plain" else convert(weights, cfg, Path(tmp) / f"{Path(cfg).stem}.pt")
-            (_, _, ap50, ap, *_), _, _ = validate.run(data, weights=w, batch_size=16, imgsz=imgsz, workers=2,
-                                                       plots=False, half=False, project=Path(tmp), name="val")
+            r = validate.run(data, weights=w, batch_size=16, imgsz=imgsz, workers=2, plots=False, half=False,
+                             project=Path(tmp), name="val")
+            ap50, ap = r.map50, r.map
             row = {"model": "yolov5n (yolov5n.pt)" if cfg == "plain" else Path(cfg).stem, "mAP50": ap50, "mAP50-95": ap}
             if cfg != "plain":
                 row.update(detection_gap(plain, load_model(w, fuse=False), images))

@@ -325,10 +325,11 @@ def cpu_latency_ms(weights: Path, imgsz: int, runs: int = 30, threads: int = 2) 
 def evaluate_run(run: RunSpec, run_dir: Path, data: dict, opt: argparse.Namespace, device: torch.device) -> dict:
     best = run_dir / "weights" / "best.pt"
     t0 = time.perf_counter()
-    (_, _, ap50, ap, *_), _, _ = validate.run(
+    r = validate.run(
         data, weights=best, batch_size=opt.batch_size * 2, imgsz=run.imgsz, device=device, workers=opt.workers,
         plots=False, half=False, project=run_dir, name="val", exist_ok=True,
     )
+    ap50, ap = r.map50, r.map
     areas = area_aps(best, data, run.imgsz, opt.batch_size * 2, device, opt.workers)
     params, gflops = cost(best, run.imgsz)
     ms, ms_min = cpu_latency_ms(best, run.imgsz, runs=opt.latency_runs)

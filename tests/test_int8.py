@@ -106,8 +106,9 @@ def test_int8_exports_load_and_detect_through_every_tool(int8_export, tmp_path):
         out = detect.run(weights=f, source=COCO128 / "images" / "train2017" / "000000000009.jpg", imgsz=(IMGSZ,),
                          project=tmp_path, nosave=True, verbose=False, conf_thres=0.0)
         assert len(out["results"]) == 1 and len(out["results"][0][1]) > 0, fmt  # conf 0: something is detected
-        metrics = val.run(data, weights=str(f), imgsz=IMGSZ, batch_size=2, project=tmp_path, plots=False)[0]
-        assert len(metrics) >= 7 and all(np.isfinite(metrics[:7])), fmt
+        r = val.run(data, weights=str(f), imgsz=IMGSZ, batch_size=2, project=tmp_path, plots=False)
+        metrics = [r.precision, r.recall, r.map50, r.map, r.aps, r.apm, r.apl]
+        assert all(np.isfinite(metrics)), fmt
         hub = torch.hub.load(str(ROOT), "custom", path=str(f), source="local", _verbose=False)
         r = hub(str(COCO128 / "images" / "train2017" / "000000000009.jpg"), size=IMGSZ)
         assert r.names[3] == "class3" and r.pred[0].shape[1] == 6, fmt

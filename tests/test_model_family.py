@@ -205,7 +205,7 @@ def test_val_coco128_same_map_for_spdconv(yolov5n_weights, tmp_path):
     data = shared_path("data", "coco128", "coco128.yaml")
     w = convert(yolov5n_weights, "yolov5n-spdconv.yaml", tmp_path / "yolov5n-spdconv.pt")
     maps = [val.run(data, weights=x, batch_size=16, imgsz=640, workers=0, plots=False, half=False,
-                    project=tmp_path, name="v")[0][3] for x in (yolov5n_weights, w)]
+                    project=tmp_path, name="v").map for x in (yolov5n_weights, w)]
     assert maps[0] > 0.2 and abs(maps[0] - maps[1]) <= 0.001, maps
 
 
@@ -257,8 +257,8 @@ def test_train_val_detect_export_from_coco_weights(fam, yolov5n_weights, tmp_pat
     assert len(line) == 1 and f"from yolov5n.pt into yolov5n-{fam}.yaml" in line[0]
     assert line[0].split(" tensors ")[1].startswith("approximately" if fam == "spdlite" else "exactly")
     best = tmp_path / "r" / "weights" / "best.pt"
-    metrics, _, _ = val.run(coco8, weights=best, imgsz=128, batch_size=4, workers=0, project=tmp_path, plots=False)
-    assert 0 <= metrics[3] <= 1
+    metrics = val.run(coco8, weights=best, imgsz=128, batch_size=4, workers=0, project=tmp_path, plots=False)
+    assert 0 <= metrics.map <= 1
     out = detect.run(weights=best, source=shared_path("images", "bus.jpg"), imgsz=[128], project=tmp_path,
                      nosave=True, verbose=False)
     assert len(out["results"]) == 1

@@ -244,14 +244,14 @@ def test_train_on_planted_faults_reports_each_once_and_finishes(faulty, tmp_path
 
 def test_val_on_planted_faults_reports_each_once(faulty, yolov5n_weights, tmp_path, capsys):
     data, planted = faulty
-    metrics, _, _ = val.run(data, weights=yolov5n_weights, imgsz=100, batch_size=4, workers=0, device="cpu",
-                            project=tmp_path, plots=False)
+    metrics = val.run(data, weights=yolov5n_weights, imgsz=100, batch_size=4, workers=0, device="cpu",
+                      project=tmp_path, plots=False)
     out = capsys.readouterr().out
     assert "updating to 128" in out
     assert_reported_once(out, planted["val"])
     assert scan_line(out, "val").endswith(f"{len(planted['val'].corrupt)} corrupt")
     assert f"{'all':>22}{len(planted['val'].kept):>11}" in out  # every usable image evaluated
-    assert all(np.isfinite(metrics[:4]))
+    assert all(np.isfinite([metrics.precision, metrics.recall, metrics.map50, metrics.map]))
 
 
 def test_detect_on_planted_faults_skips_unreadable_files_once(faulty, yolov5n_weights, tmp_path, capsys):

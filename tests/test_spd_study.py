@@ -98,8 +98,9 @@ def test_native_buckets_match_val(tmp_path, yolov5n_weights):
     from utils.data_config import check_dataset
 
     data = check_dataset(shared_path("data", "coco8", "coco8.yaml"))
-    (_, _, _, _, aps, apm, apl, *_), _, _ = validate.run(data, weights=yolov5n_weights, imgsz=320, batch_size=4,
-                                                         workers=0, plots=False, half=False, project=tmp_path)
+    r = validate.run(data, weights=yolov5n_weights, imgsz=320, batch_size=4, workers=0, plots=False, half=False,
+                     project=tmp_path)
+    aps, apm, apl = r.aps, r.apm, r.apl
     a = spd_study.area_aps(yolov5n_weights, data, 320, 4, torch.device("cpu"), 0)
     assert (a["APs"], a["APm"], a["APl"]) == pytest.approx((aps, apm, apl), abs=1e-9)
     assert a["APs"] > 0 and a["APl_in"] != pytest.approx(a["APl"], abs=1e-3)  # objects move to smaller buckets
