@@ -9,10 +9,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
+import csv
 import os
-import random
-import signal
 import sys
 import time
 from copy import deepcopy
@@ -22,36 +21,28 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import yaml
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import val as validate  # noqa: E402
-from models.yolo import Model, load_cfg  # noqa: E402
-from utils.autoanchor import check_anchors  # noqa: E402
-from utils.autobatch import autobatch  # noqa: E402
-from utils.checkpoints import atomic_save, make_checkpoint, read_checkpoint, resolve_weights, safe_load  # noqa: E402
+from engine.evaluate import evaluate  # noqa: E402
+from engine.guards import CheckpointWriter, StepGuard, TrainingInterrupted  # noqa: E402
+from engine.state import TrainState, build_train_state, checkpoint, strip_checkpoint  # noqa: E402
+from engine.trainer import reweight_images, train_one_epoch  # noqa: E402
+from utils.checkpoints import atomic_save, safe_load  # noqa: E402
+from utils.checks import check_loader_args  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
-from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
-from utils.checks import check_freeze, check_loader_args, check_resume_nc  # noqa: E402
 from utils.files import check_writable, claim_run_dir, increment_path  # noqa: E402
-from utils.logging import RESULT_KEYS, ResultsLogger, WarningsOnly, colorstr  # noqa: E402
-from utils.loss import ComputeLoss, scale_loss_gains  # noqa: E402
-from utils.metrics import fitness  # noqa: E402
-from utils.optim import (  # noqa: E402
-    EarlyStopping, ModelEMA, linear_lr, one_cycle, smart_optimizer, warmup, warmup_iterations, warmup_warning,
-)
-from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
-from utils.sampling import labels_to_class_weights, labels_to_image_weights  # noqa: E402
-from utils.torch_utils import (  # noqa: E402
-    LOCAL_RANK, RANK, WORLD_SIZE, check_img_size, ddp_rank_summary, de_parallel, describe_transfer, init_seeds,
-    intersect_dicts, select_device, torch_distributed_zero_first,
-)
+from utils.logging import LOGGER, RESULT_KEYS, ResultsLogger, WarningsOnly, colorstr, set_verbosity  # noqa: E402
+from utils.optim import EarlyStopping, warmup_warning  # noqa: E402
+from utils.plots import plot_results  # noqa: E402
+from utils.results import ValResult, fitness_of  # noqa: E402
+from utils.torch_utils import LOCAL_RANK, RANK, WORLD_SIZE, ddp_rank_summary, de_parallel, init_seeds, select_device  # noqa: E402
+from utils.torch_utils import torch_distributed_zero_first  # noqa: E402
 
 HYPS_DIR = ROOT / "data" / "hyps"
 DEFAULT_CFG = "yolov5n-spd.yaml"  # what `python train.py` trains when neither --cfg nor --weights is given
@@ -85,304 +76,71 @@ def load_hyp(hyp: str | Path | dict) -> dict:
     return d
 
 
-def build_model(opt: argparse.Namespace, hyp: dict, nc: int, device: torch.device, resume_ckpt: dict | None):
-    """The model to train: from a config, from weights (their own architecture unless --cfg names another), or
-    from plain weights transferred into an SPD, SPDConv or P2 variant."""
-    verbose = RANK in {-1, 0}
-    if resume_ckpt is not None:
-        check_resume_nc(resume_ckpt["cfg"].get("nc", nc), nc, opt.weights, opt.data)
-        model = Model(resume_ckpt["cfg"], ch=3, nc=nc, verbose=verbose).to(device)
-        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in resume_ckpt["model"].items()})
-        return model
-    weights = str(opt.weights).strip()
-    if not weights:
-        return Model(opt.cfg, ch=3, nc=nc, anchors=hyp.get("anchors"), verbose=verbose).to(device)
-
-    path = resolve_weights(weights)
-    info = read_checkpoint(path)
-    cfg = opt.cfg or info["cfg"]
-    model = Model(cfg, ch=3, nc=nc, anchors=hyp.get("anchors"), verbose=verbose).to(device)
-    from models.spd import transfer_plain_weights, wants_transfer
-
-    exclude = ["anchor"] if (opt.cfg or hyp.get("anchors")) else []
-    exact = True
-    if opt.cfg and wants_transfer(info["cfg"], load_cfg(opt.cfg)):  # SPD, SPDConv or P2 variant of plain weights
-        state, _, exact = transfer_plain_weights(path, load_cfg(opt.cfg), nc=nc, verbose=False)
-        exclude = ["anchor"] if hyp.get("anchors") else []
-    else:
-        state = info["state_dict"]
-    csd = intersect_dicts(state, model.state_dict(), exclude=exclude)
-    model.load_state_dict(csd, strict=False)
-    target = Path(str(opt.cfg)).name if opt.cfg else f"its own architecture ({info['cfg'].get('yaml_file') or 'from the weights'})"
-    print(describe_transfer(csd, model.state_dict(), source=Path(weights).name, target=target,
-                            detect_prefix=f"model.{len(model.model) - 1}.", nc_from=len(info["names"]), nc_to=nc,
-                            exact=exact))
-    return model
-
-
 def save_opt(save_dir: Path, opt: argparse.Namespace) -> None:
     (save_dir / "opt.yaml").write_text(yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()}, sort_keys=False))
 
 
-def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
-    save_dir, epochs, batch_size = Path(opt.save_dir), opt.epochs, opt.batch_size
-    w = save_dir / "weights"
-    last, best = w / "last.pt", w / "best.pt"
-    main_rank = RANK in {-1, 0}
-    if main_rank:
-        w.mkdir(parents=True, exist_ok=True)
-        claim_run_dir(save_dir)  # before anything is written: a second live run into this folder is refused
-        (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
-        save_opt(save_dir, opt)
-    print(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
+def prepare_run_dir(save_dir: Path, hyp: dict, opt: argparse.Namespace) -> None:
+    (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+    claim_run_dir(save_dir)  # before anything is written: a second live run into this folder is refused
+    (save_dir / "hyp.yaml").write_text(yaml.safe_dump(hyp, sort_keys=False))
+    save_opt(save_dir, opt)
 
-    init_seeds(opt.seed + 1 + RANK, deterministic=True)
+
+def load_data(opt: argparse.Namespace) -> tuple[dict, dict]:
+    """The dataset dict and the class names to train with."""
     with torch_distributed_zero_first(LOCAL_RANK):
         # on --resume the dataset name comes from a file, not from the user: never run its download step
-        data_dict = check_dataset(opt.data, autodownload=not opt.resume)
-    train_path, val_path = data_dict["train"], data_dict["val"]
-    nc = 1 if opt.single_cls else int(data_dict["nc"])
-    names = {0: "item"} if opt.single_cls and len(data_dict["names"]) != 1 else dict(data_dict["names"])
+        data = check_dataset(opt.data, autodownload=not opt.resume)
+    names = {0: "item"} if opt.single_cls and len(data["names"]) != 1 else dict(data["names"])
+    return data, names
 
-    resume_ckpt = safe_load(opt.weights) if opt.resume else None
-    model = build_model(opt, hyp, nc, device, resume_ckpt)
-    amp = device.type == "cuda"
 
-    check_freeze(opt.freeze, len(model.model))
-    freeze = [f"model.{x}." for x in (opt.freeze if len(opt.freeze) > 1 else range(opt.freeze[0]))]
-    for k, v in model.named_parameters():
-        v.requires_grad = True
-        if any(x in k for x in freeze):
-            print(f"freezing {k}")
-            v.requires_grad = False
+def end_of_epoch(state: TrainState, epoch: int, mloss: torch.Tensor, lr: list[float], results: ValResult,
+                 opt: argparse.Namespace, stopper: EarlyStopping, logger: ResultsLogger, writer: CheckpointWriter) -> tuple[ValResult, bool]:
+    """On the saving rank: validate the EMA, log the row, keep best.pt; returns (results, stop)."""
+    state.ema.update_attr(state.model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
+    final_epoch = (epoch + 1 == opt.epochs) or stopper.possible_stop
+    if not opt.noval or final_epoch:
+        results = evaluate(state.ema.ema, state.val_loader, state.nc, state.names, single_cls=opt.single_cls,
+                           amp=state.amp, compute_loss=state.compute_loss)
+        state.maps = results.maps
+    fi = results.fitness
+    stop = stopper(epoch=epoch, fitness=fi)
+    if fi > state.best_fitness:
+        state.best_fitness = fi
+    values = {**dict(zip(RESULT_KEYS[:3], mloss.tolist())), **results.csv_values(), **dict(zip(RESULT_KEYS[-3:], lr))}
+    logger.log(epoch, {k: values[k] for k in RESULT_KEYS})
+    if not opt.nosave or final_epoch:
+        writer.save(epoch, is_best=state.best_fitness == fi, final=final_epoch)
+    return results, stop
 
-    gs = max(int(model.stride.max()), 32)
-    imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
-    if batch_size == -1:  # YOLOv5's AutoBatch
-        batch_size = opt.batch_size = autobatch(model, imgsz, amp=amp)
-        if main_rank:
-            save_opt(save_dir, opt)  # --resume continues with the batch size chosen here
-    val_batch = batch_size // WORLD_SIZE * 2
 
-    nbs = 64  # nominal batch size: gradients accumulate up to it and weight decay scales with it
-    accumulate = max(round(nbs / batch_size), 1)
-    hyp["weight_decay"] *= batch_size * accumulate / nbs
-    optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-    lf = one_cycle(1, hyp["lrf"], epochs) if opt.cos_lr else linear_lr(hyp["lrf"], epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-    ema = ModelEMA(model) if main_rank else None
-
-    start_epoch, best_fitness = 0, 0.0
-    if resume_ckpt is not None:
-        if resume_ckpt.get("optimizer"):
-            optimizer.load_state_dict(resume_ckpt["optimizer"])
-        if ema and resume_ckpt.get("ema"):
-            ema.ema.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in resume_ckpt["ema"].items()})
-            ema.updates = int(resume_ckpt.get("updates") or 0)
-        best_fitness = float(resume_ckpt.get("best_fitness") or 0.0)
-        start_epoch = int(resume_ckpt["epoch"]) + 1
-        if start_epoch >= epochs:
-            raise UserError(f"{opt.weights} has already trained {start_epoch} of {epochs} epochs: nothing to resume")
-        print(f"Resuming training from {opt.weights} at epoch {start_epoch} of {epochs}")
-
-    if RANK != -1 and opt.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
-        print("Using SyncBatchNorm()")
-
-    train_loader, dataset = create_dataloader(
-        train_path, imgsz, batch_size // WORLD_SIZE, gs, opt.single_cls, hyp=hyp, augment=True, cache=opt.cache,
-        rect=opt.rect, rank=LOCAL_RANK, workers=opt.workers, image_weights=opt.image_weights, quad=opt.quad,
-        prefix=colorstr("train: "), shuffle=True, seed=opt.seed, nc=int(data_dict["nc"]),
-    )
-    labels = np.concatenate([x for x in dataset.labels if len(x)], 0) if any(len(x) for x in dataset.labels) else np.zeros((0, 5))
-    if len(labels) and int(labels[:, 0].max()) >= nc:
-        raise UserError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}; possible class labels are 0-{nc - 1}")
-    nb = len(train_loader)
-
-    val_loader = None
-    if main_rank:
-        val_loader = create_dataloader(
-            val_path, imgsz, val_batch, gs, opt.single_cls, hyp=hyp,
-            cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
-            prefix=colorstr("val: "), nc=int(data_dict["nc"]),
-        )[0]
-        if resume_ckpt is None:
-            if not opt.noautoanchor:
-                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
-            model.half().float()  # pre-reduce anchor precision, as stored checkpoints will
-            if not opt.noplots:
-                plot_labels(labels, names, save_dir)
-
-    if RANK != -1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[LOCAL_RANK] if device.type == "cuda" else None,
-                                                    output_device=LOCAL_RANK if device.type == "cuda" else None)
-
-    m = de_parallel(model)
-    nl = m.model[-1].nl
-    hyp = scale_loss_gains(hyp, nl=nl, nc=nc, imgsz=imgsz)
-    hyp["label_smoothing"] = opt.label_smoothing
-    m.nc, m.hyp, m.names = nc, hyp, names
-    m.class_weights = labels_to_class_weights(dataset.labels, nc).to(device) * nc
-
-    t0 = time.time()
-    nw = warmup_iterations(hyp["warmup_epochs"], nb)
-    if main_rank and (msg := warmup_warning(nw, (epochs - start_epoch) * nb)):
-        print(msg)
-    last_opt_step = -1
-    maps = np.zeros(nc)
-    results = (0.0,) * 10
-    scheduler.last_epoch = start_epoch - 1
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    stopper, stop = EarlyStopping(patience=opt.patience), False
-    compute_loss = ComputeLoss(model)
-    logger = ResultsLogger(save_dir, start_epoch=start_epoch, tensorboard=main_rank) if main_rank else None
-    bad_steps = 0
-    trained_batches = 0  # this rank's, for the DDP summary
-    # BatchNorm statistics change in the forward pass, before the loss is known: keep the last good ones
-    # so a step that is skipped for a NaN/inf loss cannot leave NaN running means behind
-    bn_buffers = list(de_parallel(model).buffers())
-    good_buffers = [b.detach().clone() for b in bn_buffers]
-
-    def checkpoint(epoch: int) -> dict:
-        return make_checkpoint(
-            de_parallel(model), ema.ema, epoch=epoch, best_fitness=float(best_fitness), updates=ema.updates,
-            optimizer=optimizer.state_dict(), opt={k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()},
-            hyp=hyp, val={"batch_size": val_batch, "imgsz": imgsz, "single_cls": bool(opt.single_cls)},
-        )
-
-    saving, pending_signal, saved_epoch = False, "", -1
-
-    def save(epoch: int, fit: float, final: bool = False) -> None:
-        nonlocal saving, saved_epoch
-        saving = True  # signals wait until the files are written (see on_signal)
-        try:
-            ckpt = checkpoint(epoch)
-            atomic_save(ckpt, last)
-            if best_fitness == fit:
-                atomic_save(ckpt, best)
-            if opt.save_period > 0 and epoch % opt.save_period == 0 and not final:
-                atomic_save(ckpt, w / f"epoch{epoch}.pt")
-            saved_epoch = epoch
-        finally:
-            saving = False
-        if pending_signal:
-            raise TrainingInterrupted(pending_signal)
-
-    def on_signal(signum, frame):
-        nonlocal pending_signal
-        # raised inside torch.save, the interrupt would be replaced by the zip writer's own error on
-        # unwinding: while a checkpoint is written, it is only noted and raised right after
-        if saving:
-            pending_signal = signal.Signals(signum).name
-            return
-        raise TrainingInterrupted(signal.Signals(signum).name)
-
-    def skip_step(why: str, epoch: int, i: int) -> None:
-        """Drop this step's gradients and BatchNorm updates; stop after MAX_BAD_STEPS in a row."""
-        nonlocal bad_steps
-        bad_steps += 1
-        optimizer.zero_grad()
-        torch._foreach_copy_(bn_buffers, good_buffers)
-        print(f"\nWARNING: {why} at epoch {epoch} batch {i}: step skipped ({bad_steps} in a row)")
-        if bad_steps >= MAX_BAD_STEPS:
-            raise UserError(f"{MAX_BAD_STEPS} non-finite losses or gradients in a row: stopping; the last good "
-                            f"checkpoint is {last if last.exists() else 'not written yet'}. Try a lower --hyp lr0")
-
-    if main_rank and resume_ckpt is None and not opt.nosave:
-        atomic_save(checkpoint(-1), last)  # a run killed in its first epoch can still be resumed
-
-    epoch = start_epoch
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_rank else {}
+def run_epochs(state: TrainState, opt: argparse.Namespace, save_dir: Path, writer: CheckpointWriter) -> tuple[ValResult, int, int]:
+    """The epoch loop; returns (last validation results, last epoch, batches trained on this rank)."""
+    main_rank = RANK in {-1, 0}
+    guard = StepGuard(de_parallel(state.model), state.optimizer, MAX_BAD_STEPS, writer.last)
+    stopper = EarlyStopping(patience=opt.patience)
+    logger = ResultsLogger(save_dir, start_epoch=state.start_epoch, tensorboard=main_rank) if main_rank else None
+    results, epoch, trained = ValResult(), state.start_epoch, 0
     try:
         # printed once last.pt exists and Ctrl-C saves it: from here on a run can always be resumed
-        print(f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
-              f"Logging results to {colorstr('bold', str(save_dir))}\nStarting training for {epochs} epochs...")
-        for epoch in range(start_epoch, epochs):
-            model.train()
+        LOGGER.info(f"Image sizes {state.imgsz} train, {state.imgsz} val\n"
+                    f"Using {state.train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
+                    f"Logging results to {colorstr('bold', str(save_dir))}\nStarting training for {opt.epochs} epochs...")
+        for epoch in range(state.start_epoch, opt.epochs):
             if opt.image_weights:
-                cw = m.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
-                iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
-                dataset.indices = random.choices(range(dataset.n), weights=iw, k=dataset.n)
-            mloss = torch.zeros(3, device=device)
+                reweight_images(state)
             if RANK != -1:
-                train_loader.sampler.set_epoch(epoch)
-            pbar = enumerate(train_loader)
-            print(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
+                state.train_loader.sampler.set_epoch(epoch)
+            mloss, n = train_one_epoch(state, epoch, guard, multi_scale_on=opt.multi_scale, quad=opt.quad,
+                                       plots_dir=None if opt.noplots else save_dir, show_progress=main_rank)
+            trained += n
+            lr = [x["lr"] for x in state.optimizer.param_groups]  # the rates this epoch trained with
+            state.scheduler.step()
+            stop = False
             if main_rank:
-                pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
-            optimizer.zero_grad()
-            for i, (imgs, targets, paths, _) in pbar:
-                ni = i + nb * epoch
-                imgs = imgs.to(device, non_blocking=True).float() / 255
-                if nw and ni <= nw:
-                    accumulate = warmup(ni, nw, epoch, lf, optimizer, hyp, nbs, batch_size)
-                if opt.multi_scale:
-                    sz = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
-                    sf = sz / max(imgs.shape[2:])
-                    if sf != 1:
-                        ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
-                        imgs = nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
-
-                with torch.autocast(device_type=device.type, enabled=amp):
-                    pred = model(imgs)
-                    loss, loss_items = compute_loss(pred, targets.to(device))
-                    if RANK != -1:
-                        loss *= WORLD_SIZE  # DDP averages gradients across ranks
-                    if opt.quad:
-                        loss *= 4.0
-
-                finite = torch.isfinite(loss.detach()).float().reshape(1)
-                if RANK != -1:  # every rank must skip together, or the others would wait in backward forever
-                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-                if not finite.item():  # a NaN/inf step would poison the weights: skip it
-                    skip_step(f"non-finite loss {loss.item()}", epoch, i)
-                    continue
-                scaler.scale(loss).backward()
-
-                if ni - last_opt_step >= accumulate:
-                    scaler.unscale_(optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
-                    if not amp and not torch.isfinite(norm):  # (with AMP the scaler skips such steps itself)
-                        skip_step(f"non-finite gradient norm {norm.item()}", epoch, i)
-                        continue
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad()
-                    if ema:
-                        ema.update(model)
-                    last_opt_step = ni
-                bad_steps = 0
-                trained_batches += 1
-                torch._foreach_copy_(good_buffers, bn_buffers)
-
-                if main_rank:
-                    mloss = (mloss * i + loss_items) / (i + 1)
-                    mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
-                    pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (f"{epoch}/{epochs - 1}", mem, *mloss,
-                                                                         targets.shape[0], imgs.shape[-1]))
-                    if ni < 3 and not opt.noplots:
-                        plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names)
-
-            lr = [x["lr"] for x in optimizer.param_groups]
-            scheduler.step()
-
-            if main_rank:
-                ema.update_attr(model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
-                final_epoch = (epoch + 1 == epochs) or stopper.possible_stop
-                if not opt.noval or final_epoch:
-                    results, maps, _ = validate.run(
-                        data_dict, batch_size=val_batch, imgsz=imgsz, half=amp, model=ema.ema,
-                        single_cls=opt.single_cls, dataloader=val_loader, save_dir=save_dir, plots=False,
-                        compute_loss=compute_loss,
-                    )
-                fi = float(fitness(np.array(results[:4]).reshape(1, -1))[0])
-                stop = stopper(epoch=epoch, fitness=fi)
-                if fi > best_fitness:
-                    best_fitness = fi
-                logger.log(epoch, dict(zip(RESULT_KEYS, [*mloss.tolist(), *results, *lr])))
-                if not opt.nosave or final_epoch:
-                    save(epoch, fi, final=final_epoch)
-
+                results, stop = end_of_epoch(state, epoch, mloss, lr, results, opt, stopper, logger, writer)
             if RANK != -1:  # every rank stops together
                 flag = [stop if RANK == 0 else None]
                 dist.broadcast_object_list(flag, 0)
@@ -390,39 +148,70 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
             if stop:
                 break
     except TrainingInterrupted as e:
-        for s in previous:  # a second Ctrl-C must not cut the checkpoint write below short
-            signal.signal(s, signal.SIG_IGN)
         if main_rank:
-            partial = epoch - 1  # the interrupted epoch is redone on resume, from these weights
-            if saved_epoch != epoch and (partial >= 0 or not last.exists()):  # (else last.pt holds the whole epoch)
-                atomic_save(checkpoint(partial), last)
-            if logger:
-                logger.close()
-            print(f"\nTraining interrupted ({e}) during epoch {epoch}. Saved {last}.\n"
-                  f"Resume with: python train.py --resume {last}")
+            writer.save_interrupted(epoch)
+            logger.close()
+            LOGGER.info(f"\nTraining interrupted ({e}) during epoch {epoch}. Saved {writer.last}.\n"
+                        f"Resume with: python train.py --resume {writer.last}")
         raise SystemExit(130)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-    ranks = ddp_rank_summary(model, trained_batches)
-    if ranks and main_rank:
-        print("DDP: " + "; ".join(f"rank {r} trained {n} batches, weight sum {w:.10g}" for r, (n, w) in enumerate(ranks)))
-    if main_rank:
-        print(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+    if logger:
         logger.close()
-        if not opt.noplots and (save_dir / "results.csv").exists():
-            plot_results(save_dir / "results.csv")
-        if best.exists() and not opt.noval:
-            print(f"\nValidating {best}...")
-            # the training val_loader: re-scanning the split would report every bad file a second time
-            results, _, _ = validate.run(data_dict, weights=best, batch_size=val_batch, imgsz=imgsz,
-                                         single_cls=opt.single_cls, save_dir=save_dir, project=save_dir.parent,
-                                         name=save_dir.name, exist_ok=True, plots=not opt.noplots, verbose=True,
-                                         half=False, dataloader=val_loader)
-        else:  # (the final validation above prints where the results are)
-            print(f"Results saved to {colorstr('bold', str(save_dir))}")
-        print(next_steps(save_dir, best if best.exists() else last, val_loader.dataset.im_files if val_loader else [], imgsz))
+    return results, epoch, trained
+
+
+def finish(state: TrainState, opt: argparse.Namespace, save_dir: Path, data: dict, results: ValResult,
+           writer: CheckpointWriter) -> ValResult:
+    """After the last epoch: halve the final checkpoints, plot, validate best.pt, say what to do next."""
+    last, best = writer.last, writer.best
+    for f in (last, best):
+        if f.exists():
+            strip_checkpoint(f)
+    if not opt.noplots and (save_dir / "results.csv").exists():
+        plot_results(save_dir / "results.csv")
+    if best.exists() and not opt.noval:
+        LOGGER.info(f"\nValidating {best}...")
+        # the training val_loader: re-scanning the split would report every bad file a second time
+        results = validate.run(data, weights=best, batch_size=state.val_batch, imgsz=state.imgsz,
+                               single_cls=opt.single_cls, project=save_dir.parent, name=save_dir.name, exist_ok=True,
+                               plots=not opt.noplots, verbose=True, half=False, dataloader=state.val_loader)
+    else:  # (the final validation above prints where the results are)
+        LOGGER.info(f"Results saved to {colorstr('bold', str(save_dir))}")
+    LOGGER.info(next_steps(save_dir, best if best.exists() else last,
+                           state.val_loader.dataset.im_files if state.val_loader else [], state.imgsz))
+    return results
+
+
+def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> ValResult:
+    """One training run into opt.save_dir; returns the final validation results."""
+    save_dir, main_rank = Path(opt.save_dir), RANK in {-1, 0}
+    if main_rank:
+        prepare_run_dir(save_dir, hyp, opt)
+    LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
+    init_seeds(opt.seed + 1 + RANK, deterministic=True)
+    data, names = load_data(opt)
+    resume_ckpt = safe_load(opt.weights) if opt.resume else None
+
+    def chosen_batch_size(b: int) -> None:  # --resume continues with the batch size AutoBatch chose
+        opt.batch_size = b
+        if main_rank:
+            save_opt(save_dir, opt)
+
+    state = build_train_state(opt, hyp, data, names, device, save_dir, resume_ckpt, on_batch_size=chosen_batch_size)
+    t0 = time.time()
+    if main_rank and (msg := warmup_warning(state.nw, (opt.epochs - state.start_epoch) * state.nb)):
+        LOGGER.warning(msg.removeprefix("WARNING: "))
+    writer = CheckpointWriter(save_dir / "weights", lambda e: checkpoint(state, e, opt), opt.save_period)
+    if main_rank and resume_ckpt is None and not opt.nosave:
+        atomic_save(checkpoint(state, -1, opt), writer.last)  # a run killed in its first epoch can still be resumed
+    with writer if main_rank else contextlib.nullcontext():
+        results, epoch, trained = run_epochs(state, opt, save_dir, writer)
+
+    ranks = ddp_rank_summary(state.model, trained)
+    if ranks and main_rank:
+        LOGGER.info("DDP: " + "; ".join(f"rank {r} trained {n} batches, weight sum {w:.10g}" for r, (n, w) in enumerate(ranks)))
+    if main_rank:
+        LOGGER.info(f"\n{epoch - state.start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        results = finish(state, opt, save_dir, data, results, writer)
     torch.cuda.empty_cache()
     return results
 
@@ -488,6 +277,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-period", type=int, default=-1, help="save checkpoint every x epochs (disabled if < 1)")
     parser.add_argument("--seed", type=int, default=0, help="global training seed")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the distributed launcher")
+    parser.add_argument("--quiet", action="store_true", help="print only warnings, errors, progress and results")
     opt = apply_defaults(parser.parse_args(argv))
     if opt.batch_size < 1 and opt.batch_size != -1:
         raise UserError(f"--batch-size must be at least 1 (or -1 for AutoBatch), got {opt.batch_size}")
@@ -540,6 +330,39 @@ EVOLVE_META = {
 }
 
 
+EVOLVE_RESULT_COLUMNS = {"P": "precision", "R": "recall", "mAP50": "map50", "mAP50-95": "map", "APs": "aps",
+                         "APm": "apm", "APl": "apl", "val_box": "box_loss", "val_obj": "obj_loss", "val_cls": "cls_loss"}
+
+
+def read_evolve_csv(csv_path: Path) -> list[dict[str, float]]:
+    """evolve.csv rows by column name, each with its fitness."""
+    with open(csv_path, newline="") as f:
+        rows = [{k.strip(): float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    for r in rows:
+        r["fitness"] = fitness_of({field: r[col] for col, field in EVOLVE_RESULT_COLUMNS.items()})
+    return rows
+
+
+def mutate(base: dict, history: list[dict[str, float]], rng: np.random.Generator) -> dict:
+    """A child of one of the five fittest generations so far (chosen by fitness), every gene scaled at random."""
+    hyp = dict(base)
+    if history:
+        parents = sorted(history, key=lambda r: -r["fitness"])[:5]
+        fit = np.array([r["fitness"] for r in parents])
+        wts = fit - fit.min() + 1e-6
+        parent = parents[rng.choice(len(parents), p=wts / wts.sum())]
+        keys = list(EVOLVE_META)
+        scale = np.array([EVOLVE_META[k][0] for k in keys])
+        v = np.ones(len(keys))
+        while np.all(v == 1):  # mutate until something changes
+            v = (1 + (rng.random(len(keys)) < 0.8) * rng.standard_normal(len(keys)) * rng.random() * scale * 0.2).clip(0.3, 3.0)
+        for j, k in enumerate(keys):
+            hyp[k] = float(parent[k] * v[j])
+    for k, (_, lo, hi) in EVOLVE_META.items():
+        hyp[k] = round(float(min(max(hyp[k], lo), hi)), 5)
+    return hyp
+
+
 def evolve(opt: argparse.Namespace, device: torch.device) -> None:
     """Genetic search: mutate the fittest hyperparameters so far, train briefly, record fitness in evolve.csv."""
     base = load_hyp(opt.hyp)
@@ -549,39 +372,26 @@ def evolve(opt: argparse.Namespace, device: torch.device) -> None:
     keys = list(EVOLVE_META)
     rng = np.random.default_rng(opt.seed)
     for gen in range(opt.evolve):
-        hyp = dict(base)
-        if csv_path.exists():
-            hist = np.loadtxt(csv_path, ndmin=2, delimiter=",", skiprows=1)
-            fit = fitness(hist[:, :4])
-            parents = hist[np.argsort(-fit)[: min(5, len(hist))]]
-            wts = fitness(parents[:, :4]) - fitness(parents[:, :4]).min() + 1e-6
-            parent = parents[rng.choice(len(parents), p=wts / wts.sum())]
-            scale = np.array([EVOLVE_META[k][0] for k in keys])
-            v = np.ones(len(keys))
-            while np.all(v == 1):  # mutate until something changes
-                v = (1 + (rng.random(len(keys)) < 0.8) * rng.standard_normal(len(keys)) * rng.random() * scale * 0.2).clip(0.3, 3.0)
-            for j, k in enumerate(keys):
-                hyp[k] = float(parent[10 + j] * v[j])
-        for k, (_, lo, hi) in EVOLVE_META.items():
-            hyp[k] = round(float(min(max(hyp[k], lo), hi)), 5)
+        hyp = mutate(base, read_evolve_csv(csv_path) if csv_path.exists() else [], rng)
         gen_opt = argparse.Namespace(**vars(opt))
         gen_opt.save_dir = str(evolve_dir / f"gen{gen}")
         results = train(deepcopy(hyp), gen_opt, device)
         new = not csv_path.exists()
         with open(csv_path, "a") as f:
             if new:
-                f.write(",".join(["P", "R", "mAP50", "mAP50-95", "APs", "APm", "APl", "val_box", "val_obj", "val_cls", *keys]) + "\n")
-            f.write(",".join(f"{x:.5g}" for x in [*results[:10], *(hyp[k] for k in keys)]) + "\n")
-        print(f"Evolution generation {gen + 1}/{opt.evolve} written to {csv_path}")
-    hist = np.loadtxt(csv_path, ndmin=2, delimiter=",", skiprows=1)
-    best = hist[np.argmax(fitness(hist[:, :4]))]
-    (evolve_dir / "hyp_evolve.yaml").write_text(yaml.safe_dump({k: float(best[10 + j]) for j, k in enumerate(keys)}, sort_keys=False))
-    print(f"Best hyperparameters saved to {evolve_dir / 'hyp_evolve.yaml'}")
+                f.write(",".join([*EVOLVE_RESULT_COLUMNS, *keys]) + "\n")
+            values = [getattr(results, field) for field in EVOLVE_RESULT_COLUMNS.values()]
+            f.write(",".join(f"{x:.5g}" for x in [*values, *(hyp[k] for k in keys)]) + "\n")
+        LOGGER.info(f"Evolution generation {gen + 1}/{opt.evolve} written to {csv_path}")
+    best = max(read_evolve_csv(csv_path), key=lambda r: r["fitness"])
+    (evolve_dir / "hyp_evolve.yaml").write_text(yaml.safe_dump({k: float(best[k]) for k in keys}, sort_keys=False))
+    LOGGER.info(f"Best hyperparameters saved to {evolve_dir / 'hyp_evolve.yaml'}")
 
 
 @report_user_errors
 def main(argv: list[str] | None = None):
     opt = parse_opt(argv)
+    set_verbosity(opt.quiet, RANK)
     if opt.resume and not opt.evolve:
         opt = resolve_resume(opt)
     elif opt.evolve and opt.resume:
@@ -592,7 +402,7 @@ def main(argv: list[str] | None = None):
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
         if not opt.cfg and not str(opt.weights).strip():
             if is_demo_run(opt):
-                print(f"Demo run: {DEFAULT_CFG} from scratch on the generated small-object set ({DEFAULT_DATA}), "
+                LOGGER.info(f"Demo run: {DEFAULT_CFG} from scratch on the generated small-object set ({DEFAULT_DATA}), "
                       f"--img {opt.imgsz}, {opt.epochs} epochs, {opt.hyp}, {opt.optimizer}. "
                       f"Train on your own data with --data X.yaml [--weights yolov5n.pt] [--cfg ...]")
             opt.cfg = DEFAULT_CFG  # `python train.py`: the SPD model on the built-in small-object set

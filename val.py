@@ -119,8 +119,12 @@ def run(
     plots=True,
     trust_weights=False,
     quiet=False,
+    dataloader=None,
 ) -> ValResult:
-    """Evaluate `weights` on the `task` split of `data`; returns a ValResult (metrics, per-class mAP, speed)."""
+    """Evaluate `weights` on the `task` split of `data`; returns a ValResult (metrics, per-class mAP, speed).
+
+    `dataloader`: a ready loader of that split (train.py passes its own, so bad files are not reported twice).
+    """
     if task not in TASKS:
         raise UserError(f"--task must be one of {TASKS}, got '{task}'")
     if weights is None:
@@ -142,8 +146,10 @@ def run(
     if not data.get(split):
         raise UserError(f"dataset has no '{split}' split")
     rect = model.fixed_imgsz is None and task != "speed"  # rectangular batches for any format that accepts any shape
-    dataloader = create_dataloader(data[split], imgsz, batch_size, model.stride, single_cls, pad=0.0 if task == "speed" else 0.5,
-                                   rect=rect, workers=workers, prefix=f"{split}: ", nc=int(data["nc"]))[0]
+    if dataloader is None:
+        dataloader = create_dataloader(data[split], imgsz, batch_size, model.stride, single_cls,
+                                       pad=0.0 if task == "speed" else 0.5, rect=rect, workers=workers,
+                                       prefix=f"{split}: ", nc=int(data["nc"]))[0]
 
     class_map = coco80_to_coco91_class() if is_coco_dataset(data) else list(range(1000))
     out = EvalOutputs(save_dir=save_dir, plots=plots, save_txt=save_txt, save_conf=save_conf, save_json=save_json,
