@@ -272,6 +272,45 @@ def _print_usage(written: dict[str, Path]) -> None:
 
 
 @torch.no_grad()
+def prepare_model(w: Path, device: torch.device, imgsz, batch_size: int, spd_form: str, gpu_half: bool):
+    """(reference model, model to export, example input, checked image size); prints the starting point."""
+    reference = load_model(w, device=device, fuse=True)  # the authors' SPD form: what the exports must match
+    stride = int(reference.stride.max())
+    imgsz = check_imgsz([int(x) for x in (imgsz if isinstance(imgsz, (list, tuple)) else [imgsz])], stride)
+    model = deepcopy(reference)
+    if spd_form == "export":
+        to_export_form(model, verbose=True)
+    model.model[-1].export = True  # the graph returns only the decoded (B, N, 5 + nc) tensor
+    model.eval().requires_grad_(False)
+    if gpu_half:
+        model.half()
+    im = torch.zeros(batch_size, 3, *imgsz, device=device)
+    x = im.half() if gpu_half else im
+    for _ in range(2):  # dry runs build the Detect grids
+        y = model(x)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"\nPyTorch: starting from {w} with output shape {tuple(y.shape)} ({w.stat().st_size / 1e6:.1f} MB, "
+          f"{n_params:,} parameters, SPD form '{spd_form}')")
+    return reference, model, x, imgsz
+
+
+def _export_reported(fmt: str, model, x, stem: str, meta: dict, opset: int, dynamic: bool, half: bool, simplify: bool,
+                     tmp: Path, q: dict | None) -> Path | str:
+    """Export one format with its progress lines; returns the file, or why it failed (the others still run)."""
+    t = time.time()
+    print(f"\n{fmt}: exporting{' int8' if q else ''} with torch {torch.__version__}...")
+    try:
+        f = _export_one(fmt, model, x, stem, meta, opset, dynamic, half, simplify, tmp, q)
+    except UserError as e:  # e.g. an optional package missing
+        return str(e)
+    except Exception as e:  # one format failing must not lose the others
+        print(f"{fmt}: export FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return "export failed (see above)"
+    size = sum(p.stat().st_size for p in f.rglob("*")) if f.is_dir() else f.stat().st_size
+    print(f"{fmt}: export success in {time.time() - t:.1f}s, saved as {_short(f)} ({size / 1e6:.1f} MB)")
+    return f
+
+
 def run(
     weights: str | Path = "yolov5s.pt",
     imgsz: tuple | list = (640, 640),
@@ -311,53 +350,22 @@ def run(
     w = resolve_weights(weights)
     if w.suffix != ".pt":
         raise UserError(f"export reads PyTorch .pt weights, got {w}")
-    reference = load_model(w, device=device, fuse=True)  # the authors' SPD form: what the exports must match
+    reference, model, x, imgsz = prepare_model(w, device, imgsz, batch_size, spd_form, gpu_half)
     stride, names = int(reference.stride.max()), dict(reference.names)
-    imgsz = check_imgsz([int(x) for x in (imgsz if isinstance(imgsz, (list, tuple)) else [imgsz])], stride)
-    model = deepcopy(reference)
-    if spd_form == "export":
-        to_export_form(model, verbose=True)
-    detect = model.model[-1]
-    detect.inplace = inplace
-    detect.export = True  # the graph returns only the decoded (B, N, 5 + nc) tensor
-    model.eval().requires_grad_(False)
-    if gpu_half:
-        model.half()
-
-    im = torch.zeros(batch_size, 3, *imgsz, device=device)
-    for _ in range(2):  # dry runs build the Detect grids
-        y = model(im.half() if gpu_half else im)
     meta = {"stride": stride, "names": names, "nc": len(names), "imgsz": imgsz, "batch": batch_size,
             "dynamic": dynamic, "half": half, "spd_form": spd_form,
             "source": w.name, "date": datetime.now().isoformat(timespec="seconds"), "producer": "yolov5-spd export.py"}
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"\nPyTorch: starting from {w} with output shape {tuple(y.shape)} ({w.stat().st_size / 1e6:.1f} MB, "
-          f"{n_params:,} parameters, SPD form '{spd_form}')")
-
-    stem = export_stem(w)
-    x = im.half() if gpu_half else im
     written: dict[str, Path] = {}
     failed: dict[str, str] = {}  # format -> why, reported in the final error line
     with tempfile.TemporaryDirectory() as tmp:
         for fmt in (f for f in FORMATS if f in include):
-            t = time.time()
             q = {**calib, "imgsz": imgsz, "stride": stride, "dynamic": dynamic} if calib and fmt in INT8_FORMATS else None
-            missing = _missing_package(fmt, bool(q))
-            if missing:  # reported once, in the final error line
-                failed[fmt] = missing
+            why = _missing_package(fmt, bool(q))  # reported once, in the final error line
+            f = None if why else _export_reported(fmt, model, x, export_stem(w), meta, opset, dynamic, half, simplify,
+                                                  Path(tmp), q)
+            if f is None or isinstance(f, str):
+                failed[fmt] = why or f
                 continue
-            print(f"\n{fmt}: exporting{' int8' if q else ''} with torch {torch.__version__}...")
-            try:
-                f = _export_one(fmt, model, x, stem, meta, opset, dynamic, half, simplify, Path(tmp), q)
-            except UserError as e:  # e.g. an optional package missing: the other formats still get written
-                failed[fmt] = str(e)
-                continue
-            except Exception as e:  # one format failing must not lose the others
-                print(f"{fmt}: export FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                failed[fmt] = "export failed (see above)"
-                continue
-            size = sum(p.stat().st_size for p in f.rglob("*")) if f.is_dir() else f.stat().st_size
-            print(f"{fmt}: export success in {time.time() - t:.1f}s, saved as {_short(f)} ({size / 1e6:.1f} MB)")
             tol = TOLERANCE["int8" if q else "fp16" if half else "fp32"]
             if check_export(f, reference, imgsz, stride, batch_size, dynamic, check_image, device, tol):
                 written[fmt] = f
