@@ -54,10 +54,6 @@ DEMO_DEFAULTS = {"epochs": 20, "imgsz": 128, "hyp": "hyp.smallobjects.yaml", "op
 MAX_BAD_STEPS = 10  # consecutive non-finite losses before a run is stopped
 
 
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM during training: last.pt is saved, then the run exits with a resume hint."""
-
-
 def load_hyp(hyp: str | Path | dict) -> dict:
     if isinstance(hyp, dict):
         return dict(hyp)
