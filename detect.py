@@ -251,7 +251,7 @@ def print_summary(times: list, seen: int, shapes: list, imgsz: list, save_dir: P
     if saved:
         n = len(list(save_dir.glob("labels/*.txt")))
         extra = f"\n{n} label{'s' * (n != 1)} saved to {save_dir / 'labels'}" if save_txt else ""
-        print(f"Results saved to {save_dir}{extra}")
+        LOGGER.info(f"Results saved to {save_dir}{extra}")
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,6 +42,7 @@ from models.quantize import (INT8_DEFAULTS, CalibrationReader, calibration_files
 from models.spd_export import to_export_form  # noqa: E402
 from utils.augmentations import letterbox  # noqa: E402
 from utils.checkpoints import load_model, resolve_weights  # noqa: E402
+from utils.logging import LOGGER, set_verbosity  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
@@ -59,7 +60,7 @@ def export_stem(weights: Path) -> Path:
     folder = weights.resolve().parent
     if os.access(folder, os.W_OK) and folder.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
         return weights.with_suffix("")
-    print(f"Note: {folder} is read-only; writing exports to the current folder {Path.cwd()}")
+    LOGGER.info(f"Note: {folder} is read-only; writing exports to the current folder {Path.cwd()}")
     return Path.cwd() / weights.stem
 
 
@@ -77,7 +78,7 @@ def check_imgsz(imgsz: list[int], stride: int) -> list[int]:
         raise UserError(f"--imgsz takes one or two positive sizes (h w), got {imgsz}")
     new = [int(-(-int(s) // stride) * stride) for s in sizes]
     if new != sizes:
-        print(f"WARNING: --imgsz {imgsz} must be a multiple of max stride {stride}, updating to {new}")
+        LOGGER.warning(f"--imgsz {imgsz} must be a multiple of max stride {stride}, updating to {new}")
     return new
 
 
@@ -157,18 +158,18 @@ def simplify_onnx(m):
     try:
         import onnxslim
 
-        print(f"ONNX: simplifying with onnxslim {onnxslim.__version__}...")
+        LOGGER.info(f"ONNX: simplifying with onnxslim {onnxslim.__version__}...")
         return onnxslim.slim(m)
     except ImportError:
         pass
     try:
         import onnxsim
 
-        print(f"ONNX: simplifying with onnxsim {onnxsim.__version__}...")
+        LOGGER.info(f"ONNX: simplifying with onnxsim {onnxsim.__version__}...")
         m2, ok = onnxsim.simplify(m)
         return m2 if ok else m
     except ImportError:
-        print("WARNING: --simplify needs onnxslim (pip install onnxslim); exporting without simplification")
+        LOGGER.warning("--simplify needs onnxslim (pip install onnxslim); exporting without simplification")
         return m
 
 
@@ -184,12 +185,12 @@ def export_onnx_int8(src: Path, f: Path, meta: dict, q: dict) -> Path:
     import onnx
 
     reader = CalibrationReader(q["files"], q["imgsz"], q["stride"], q["batch"], q["dynamic"])
-    print(f"ONNX int8: calibrating on {len(q['files'])} images ({q['method']}), Detect layer kept in float...")
+    LOGGER.info(f"ONNX int8: calibrating on {len(q['files'])} images ({q['method']}), Detect layer kept in float...")
     info = quantize_onnx(src, f, reader, method=q["method"])
     m = onnx.load(str(f))
     _set_onnx_metadata(m, {**meta, "int8": True, "quantization": {"runtime": "onnxruntime", **info}})
     onnx.save(m, str(f))
-    print(f"ONNX int8: {info['calib_images']} calibration images, {info['quantize_nodes']} QuantizeLinear nodes, "
+    LOGGER.info(f"ONNX int8: {info['calib_images']} calibration images, {info['quantize_nodes']} QuantizeLinear nodes, "
           f"{info['float_nodes']} nodes of {info['float_scope']} (Detect) in float")
     return f
 
@@ -204,7 +205,7 @@ def export_openvino(src: Path, stem: Path, meta: dict, half: bool, q: dict | Non
     if q:
         import onnx
 
-        print(f"OpenVINO int8: calibrating on {len(q['files'])} images (NNCF), Detect layer kept in float...")
+        LOGGER.info(f"OpenVINO int8: calibrating on {len(q['files'])} images (NNCF), Detect layer kept in float...")
         head = head_scope(onnx.load(str(src)))
         ov_model, info = quantize_openvino(ov_model, q["files"], q["imgsz"], q["stride"], q["batch"], q["dynamic"], head)
         meta = {**meta, "int8": True, "quantization": {"runtime": "openvino-nncf", **info}}
@@ -268,7 +269,7 @@ def _missing_package(fmt: str, int8: bool) -> str | None:
 def _print_usage(written: dict[str, Path]) -> None:
     for fmt, f in written.items():
         f = _short(f)
-        print(f"{fmt:12s} {f}\n{'':12s} detect: python detect.py --weights {f}\n{'':12s} validate: python val.py --weights {f}")
+        LOGGER.info(f"{fmt:12s} {f}\n{'':12s} detect: python detect.py --weights {f}\n{'':12s} validate: python val.py --weights {f}")
 
 
 @torch.no_grad()
@@ -289,7 +290,7 @@ def prepare_model(w: Path, device: torch.device, imgsz, batch_size: int, spd_for
     for _ in range(2):  # dry runs build the Detect grids
         y = model(x)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"\nPyTorch: starting from {w} with output shape {tuple(y.shape)} ({w.stat().st_size / 1e6:.1f} MB, "
+    LOGGER.info(f"\nPyTorch: starting from {w} with output shape {tuple(y.shape)} ({w.stat().st_size / 1e6:.1f} MB, "
           f"{n_params:,} parameters, SPD form '{spd_form}')")
     return reference, model, x, imgsz
 
@@ -298,16 +299,16 @@ def _export_reported(fmt: str, model, x, stem: str, meta: dict, opset: int, dyna
                      tmp: Path, q: dict | None) -> Path | str:
     """Export one format with its progress lines; returns the file, or why it failed (the others still run)."""
     t = time.time()
-    print(f"\n{fmt}: exporting{' int8' if q else ''} with torch {torch.__version__}...")
+    LOGGER.info(f"\n{fmt}: exporting{' int8' if q else ''} with torch {torch.__version__}...")
     try:
         f = _export_one(fmt, model, x, stem, meta, opset, dynamic, half, simplify, tmp, q)
     except UserError as e:  # e.g. an optional package missing
         return str(e)
     except Exception as e:  # one format failing must not lose the others
-        print(f"{fmt}: export FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        LOGGER.info(f"{fmt}: export FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return "export failed (see above)"
     size = sum(p.stat().st_size for p in f.rglob("*")) if f.is_dir() else f.stat().st_size
-    print(f"{fmt}: export success in {time.time() - t:.1f}s, saved as {_short(f)} ({size / 1e6:.1f} MB)")
+    LOGGER.info(f"{fmt}: export success in {time.time() - t:.1f}s, saved as {_short(f)} ({size / 1e6:.1f} MB)")
     return f
 
 
@@ -345,7 +346,7 @@ def run(
     if int8:  # the calibration set is checked before anything is exported
         calib = {"files": calibration_files(data, calib_images), "method": calib_method, "batch": batch_size}
         if "torchscript" in include:
-            print("Note: --int8 applies to ONNX and OpenVINO; TorchScript is exported in float")
+            LOGGER.info("Note: --int8 applies to ONNX and OpenVINO; TorchScript is exported in float")
 
     w = resolve_weights(weights)
     if w.suffix != ".pt":
@@ -372,7 +373,7 @@ def run(
             else:
                 failed[fmt] = "did not match PyTorch (see above)"
 
-    print(f"\nExport complete ({time.time() - t0:.1f}s)")
+    LOGGER.info(f"\nExport complete ({time.time() - t0:.1f}s)")
     _print_usage(written)
     if failed:
         done = f"; written: {', '.join(str(_short(f)) for f in written.values())}" if written else ""
@@ -390,15 +391,15 @@ def check_export(f: Path, reference, imgsz, stride, batch, dynamic, image, devic
     except UserError:
         raise
     except Exception as e:
-        print(f"  check FAILED: {f.name} did not load or run: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        LOGGER.info(f"  check FAILED: {f.name} did not load or run: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return False
     if y.shape != ref.shape:
-        print(f"  check FAILED: output shape {tuple(y.shape)} differs from PyTorch {tuple(ref.shape)}")
+        LOGGER.info(f"  check FAILED: output shape {tuple(y.shape)} differs from PyTorch {tuple(ref.shape)}")
         return False
     d = compare(y, ref, tol.get("confident"))
     ok = d["boxes"] <= tol["boxes"] and d["scores"] <= tol["scores"]
     fixed = "" if dynamic else " (fixed shape)"
-    print(f"  check {'passed' if ok else 'FAILED'}: reloaded, ran on a letterboxed {tuple(x.shape)} image{fixed}; "
+    LOGGER.info(f"  check {'passed' if ok else 'FAILED'}: reloaded, ran on a letterboxed {tuple(x.shape)} image{fixed}; "
           f"max abs diff vs PyTorch{' (confident anchors)' if tol.get('confident') else ''}: "
           f"boxes {d['boxes']:.2e} px, scores {d['scores']:.2e}"
           + ("" if ok else f" (allowed {tol['boxes']} px, {tol['scores']})"))
@@ -426,13 +427,15 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                         help="number of train images to calibrate --int8 on")
     parser.add_argument("--calib-method", default=INT8_DEFAULTS["method"], choices=("minmax", "entropy", "percentile"),
                         help="ONNX Runtime calibration method for --int8")
+    parser.add_argument("--quiet", action="store_true", help="print only warnings and errors")
     return parser.parse_args(argv)
 
 
 @report_user_errors
 def main(argv: list[str] | None = None) -> dict[str, Path]:
     opt = parse_opt(argv)
-    return run(**vars(opt))
+    set_verbosity(opt.quiet)
+    return run(**{k: v for k, v in vars(opt).items() if k != "quiet"})
 
 
 if __name__ == "__main__":

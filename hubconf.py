@@ -59,7 +59,9 @@ def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int 
     state = intersect_dicts(src.state_dict(), model.state_dict(), exclude=("anchors",))
     model.load_state_dict(state, strict=False)
     if verbose:
-        print(f"Transferred {len(state)}/{len(model.state_dict())} items from {w}")
+        from utils.logging import LOGGER
+
+        LOGGER.info(f"Transferred {len(state)}/{len(model.state_dict())} items from {w}")
     if classes == len(src.names):
         model.names = src.names
     return _wrap(model, autoshape, verbose).to(dev)

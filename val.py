@@ -213,7 +213,7 @@ def study(opt: argparse.Namespace) -> None:
 
     rows = []
     for size in range(256, 1536 + 128, 128):
-        print(f"\nRunning at --imgsz {size}...")
+        LOGGER.info(f"\nRunning at --imgsz {size}...")
         r = run(**{**vars(opt), "imgsz": size, "task": "val", "plots": False})
         rows.append([size, r.precision, r.recall, r.map50, r.map, r.aps, r.apm, r.apl, *r.speed])
     name = f"study_{Path(str(opt.data)).stem}_{Path(str(opt.weights)).stem}"
@@ -229,7 +229,7 @@ def study(opt: argparse.Namespace) -> None:
     ax[1].set_xlabel("image size")
     ax[1].set_ylabel("inference ms / image")
     fig.savefig(out / f"{name}.png", dpi=150)
-    print(f"Study saved to {out}")
+    LOGGER.info(f"Study saved to {out}")
 
 
 def apply_training_settings(opt: argparse.Namespace) -> argparse.Namespace:
@@ -255,7 +255,7 @@ def apply_training_settings(opt: argparse.Namespace) -> argparse.Namespace:
         opt.single_cls = True
         used.append("--single-cls")
     if used:
-        print(f"Using {', '.join(used)} from the training's final validation in {Path(str(opt.weights)).name} "
+        LOGGER.info(f"Using {', '.join(used)} from the training's final validation in {Path(str(opt.weights)).name} "
               f"(pass --batch-size/--img to change)")
     return opt
 
