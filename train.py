@@ -31,10 +31,11 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import val as validate  # noqa: E402
+from models.checkpoints import read_checkpoint, safe_load  # noqa: E402
 from models.yolo import Model, load_cfg  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
 from utils.autobatch import autobatch  # noqa: E402
-from utils.checkpoints import atomic_save, make_checkpoint, read_checkpoint, resolve_weights, safe_load  # noqa: E402
+from utils.checkpoints import atomic_save, make_checkpoint, resolve_weights  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402

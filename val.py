@@ -20,8 +20,8 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 from models.backends import DetectMultiBackend  # noqa: E402
+from models.checkpoints import checkpoint_val_settings  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh, yolo_label_lines  # noqa: E402
-from utils.checkpoints import checkpoint_val_settings  # noqa: E402
 from utils.coco import append_predictions, coco80_to_coco91_class, run_pycocotools, yolo_labels_to_coco_gt  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
