@@ -174,8 +174,7 @@ def parse_model(d: dict, ch: list[int], verbose: bool = True) -> tuple[nn.Sequen
     if verbose:
         LOGGER.info(f"\n{'':>3}{'from':>18}{'n':>3}{'params':>10}  {'module':<40}{'arguments':<30}")
     layers, save, c2 = [], [], ch[-1]
-    layers_cfg = _layer_rows(d)
-    decls, convs = declarations(), conv_like()
+    layers_cfg, decls, convs = _layer_rows(d), declarations(), conv_like()
     i = 0
     try:
         for i, (f, n, m, args) in enumerate(layers_cfg):
