@@ -37,11 +37,12 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 from models.backends import DetectMultiBackend  # noqa: E402
+from models.checkpoints import load_model  # noqa: E402
 from models.quantize import (INT8_DEFAULTS, CalibrationReader, calibration_files, head_scope,  # noqa: E402
                              quantize_onnx, quantize_openvino)
 from models.spd_export import to_export_form  # noqa: E402
 from utils.augmentations import letterbox  # noqa: E402
-from utils.checkpoints import load_model, resolve_weights  # noqa: E402
+from utils.checkpoints import resolve_weights  # noqa: E402
 from utils.logging import LOGGER, set_verbosity  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402

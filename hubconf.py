@@ -34,7 +34,8 @@ def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int 
     """A model named like its config in models/ (e.g. 'yolov5s-spd'), new or with pretrained weights."""
     from models.backends import DetectMultiBackend
     from models.yolo import DetectionModel
-    from utils.checkpoints import OFFICIAL_NAMES, load_model, resolve_weights
+    from models.checkpoints import load_model
+    from utils.checkpoints import OFFICIAL_NAMES, resolve_weights
     from utils.errors import UserError
     from utils.torch_utils import intersect_dicts
 
@@ -73,7 +74,7 @@ def custom(path: str = "path/to/model.pt", autoshape: bool = True, _verbose: boo
 
     TorchScript runs code stored in the file when loaded: refused unless trust_weights=True."""
     from models.backends import DetectMultiBackend
-    from utils.checkpoints import load_model
+    from models.checkpoints import load_model
 
     dev = _device(device)
     if autoshape:

@@ -32,7 +32,8 @@ from engine.evaluate import evaluate  # noqa: E402
 from engine.guards import CheckpointWriter, StepGuard, TrainingInterrupted  # noqa: E402
 from engine.state import TrainState, build_train_state, checkpoint, strip_checkpoint  # noqa: E402
 from engine.trainer import reweight_images, train_one_epoch  # noqa: E402
-from utils.checkpoints import atomic_save, safe_load  # noqa: E402
+from models.checkpoints import safe_load  # noqa: E402
+from utils.checkpoints import atomic_save  # noqa: E402
 from utils.checks import check_loader_args  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402

@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 from engine.evaluate import EvalOutputs, EvalRecord, format_metric, predict_dataset, summarize  # noqa: E402,F401
 from models.backends import DetectMultiBackend  # noqa: E402
 from models.predictor import Predictor  # noqa: E402
-from utils.checkpoints import checkpoint_val_settings  # noqa: E402
+from models.checkpoints import checkpoint_val_settings  # noqa: E402
 from utils.coco import coco80_to_coco91_class, run_pycocotools, yolo_labels_to_coco_gt  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 import val as validate  # noqa: E402
 from models.spd import convert, level_outputs  # noqa: E402
-from utils.checkpoints import load_model  # noqa: E402
+from models.checkpoints import load_model  # noqa: E402
 from utils.errors import report_user_errors  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 

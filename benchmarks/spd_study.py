@@ -50,8 +50,9 @@ if str(ROOT) not in sys.path:
 
 import val as validate  # noqa: E402
 from models.backends import DetectMultiBackend  # noqa: E402
+from models.checkpoints import load_model, safe_load  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy  # noqa: E402
-from utils.checkpoints import load_model, resolve_weights, safe_load  # noqa: E402
+from utils.checkpoints import resolve_weights  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import collect_images, create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402

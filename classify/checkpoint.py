@@ -2,8 +2,6 @@
 reads them and a file that tries to run code on load is refused."""
 from __future__ import annotations
 
-import pickle
-import re
 from datetime import datetime
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from models.resnet import MODEL_NAMES, ResNet, build_model, transfer_weights
-from utils.checkpoints import not_a_checkpoint_reason
+from utils.checkpoints import load_weights_only
 from utils.errors import UserError
 
 FORMAT = "yolov5-spd-classifier"
@@ -55,26 +53,12 @@ def make_checkpoint(
     }
 
 
-def _unpickling_message(path: Path, err: Exception) -> str:
-    """One line for a weights_only refusal: unsafe content (names a global) or just not a checkpoint."""
-    m = re.search(r"GLOBAL ([\w.]+)", str(err))
-    if m:
-        return (f"refusing to load {path}: it names '{m.group(1)}', which is not a tensor or plain value "
-                "(loading it could run arbitrary code)")
-    return f"{path} is not a readable checkpoint (not a torch.save file)"
-
-
 def read_checkpoint(path: str | Path) -> dict:
     """torch.load with weights_only=True; missing, corrupt, unsafe or foreign files are a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(_unpickling_message(path, e)) from None
-    except Exception as e:  # EOFError (empty file), KeyError (text read as a pickle), zip errors, ...
-        raise UserError(f"{path} is not a readable checkpoint ({not_a_checkpoint_reason(path, e)})") from None
+    ckpt = load_weights_only(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or ckpt.get("model") not in MODEL_NAMES:
         raise UserError(
             f"{path} is not a classifier checkpoint from classify/train.py "
@@ -131,12 +115,7 @@ def load_pretrained(model: nn.Module, source: str) -> str:
         path = Path(source)
         if not path.is_file():
             raise UserError(f"--pretrained file not found: {source}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise UserError(_unpickling_message(path, e)) from None
-        except Exception as e:
-            raise UserError(f"{path} is not a readable weights file ({not_a_checkpoint_reason(path, e)})") from None
+        state = load_weights_only(path, what="weights file")
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):

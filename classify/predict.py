@@ -26,6 +26,7 @@ from classify.checkpoint import load_classifier  # noqa: E402
 from classify.data import preprocess  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path, open_video_writer, write_bytes, write_image  # noqa: E402
+from utils.logging import LOGGER  # noqa: E402
 from utils.sources import LoadImages  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
@@ -98,7 +99,7 @@ def run(
         conf, idx = prob.topk(k)
         top = [(names[i], float(c)) for c, i in zip(conf.tolist(), idx.tolist())]
         dt = (time.perf_counter() - t) * 1e3
-        print(f"{status}{imgsz}x{imgsz} {', '.join(f'{n} {c:.2f}' for n, c in top)}, {dt:.1f}ms")
+        LOGGER.info(f"{status}{imgsz}x{imgsz} {', '.join(f'{n} {c:.2f}' for n, c in top)}, {dt:.1f}ms")
         results.append((path, top))
         if save_dir is None:
             continue
@@ -121,7 +122,7 @@ def run(
     for w in writers.values():
         w.release()
     if save_dir is not None:
-        print(f"Results saved to {save_dir}")
+        LOGGER.info(f"Results saved to {save_dir}")
     return results
 
 

@@ -30,6 +30,7 @@ from models.resnet import MODEL_NAMES, STEMS, ResNet, build_model, parse_model_n
 from utils.checkpoints import atomic_save  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path  # noqa: E402
+from utils.logging import LOGGER  # noqa: E402
 from utils.optim import OPTIMIZERS  # noqa: E402
 from utils.plots import plot_results  # noqa: E402
 from utils.torch_utils import count_flops, init_seeds, select_device  # noqa: E402
@@ -112,7 +113,7 @@ def train(opt: argparse.Namespace) -> dict:
     names, nc = splits.names, len(splits.names)
     model = build_from_opt(opt, nc)
     if opt.pretrained:
-        print(load_pretrained(model, opt.pretrained))
+        LOGGER.info(load_pretrained(model, opt.pretrained))
     model = model.to(device)
 
     train_set = ClassificationDataset(list_samples(splits.train, names), opt.imgsz, augment=True)
@@ -130,9 +131,9 @@ def train(opt: argparse.Namespace) -> dict:
 
     n_params = sum(p.numel() for p in model.parameters())
     gflops = count_flops(model, opt.imgsz)
-    print(f"{opt.model} ({model.cfg['stem']} stem): {n_params:,} parameters, "
-          f"{gflops:.2f} GFLOPs at {opt.imgsz}x{opt.imgsz}")
-    print(f"data: {splits.root} - {nc} classes, {len(train_set)} train images, {len(val_set)} {splits.val_name} images")
+    LOGGER.info(f"{opt.model} ({model.cfg['stem']} stem): {n_params:,} parameters, "
+                f"{gflops:.2f} GFLOPs at {opt.imgsz}x{opt.imgsz}")
+    LOGGER.info(f"data: {splits.root} - {nc} classes, {len(train_set)} train images, {len(val_set)} {splits.val_name} images")
 
     optimizer, scheduler, ema, criterion = training_setup(model, opt.epochs, opt.optimizer, opt.lr0, opt.momentum,
                                                           opt.decay, opt.label_smoothing)
@@ -140,7 +141,7 @@ def train(opt: argparse.Namespace) -> dict:
     last, best = wdir / "last.pt", wdir / "best.pt"
     rows, best_fitness, best_res = [], -1.0, None
     t0 = time.time()
-    print(f"Training {opt.model} for {opt.epochs} epochs on {device}; results to {save_dir}")
+    LOGGER.info(f"Training {opt.model} for {opt.epochs} epochs on {device}; results to {save_dir}")
     for epoch in range(opt.epochs):
         lr = optimizer.param_groups[0]["lr"]
         try:
@@ -153,10 +154,10 @@ def train(opt: argparse.Namespace) -> dict:
         rows.append({"epoch": epoch, "train/loss": tloss, "val/loss": res.loss, "metrics/accuracy_top1": res.top1,
                      "metrics/accuracy_top5": res.top5, "lr/0": lr})
         pd.DataFrame(rows).to_csv(save_dir / "results.csv", index=False)
-        print(f"epoch {epoch + 1}/{opt.epochs}: train loss {tloss:.4f}  {splits.val_name} loss {res.loss:.4f}  "
-              f"top1 {res.top1:.4f}  top5 {res.top5:.4f}")
+        LOGGER.info(f"epoch {epoch + 1}/{opt.epochs}: train loss {tloss:.4f}  {splits.val_name} loss {res.loss:.4f}  "
+                    f"top1 {res.top1:.4f}  top5 {res.top5:.4f}")
         if opt.verbose:
-            print(format_per_class(res, names))
+            LOGGER.info(format_per_class(res, names))
         ckpt = make_checkpoint(ema.ema, names, opt.imgsz, epoch, max(best_fitness, res.top1), optimizer,
                                vars(opt), ema.updates)
         atomic_save(ckpt, last)  # a kill mid-write leaves the previous epoch's file, never a torn one
@@ -170,15 +171,15 @@ def train(opt: argparse.Namespace) -> dict:
     best_ckpt["optimizer"] = None
     atomic_save(best_ckpt, best)
     final = best_res
-    print(f"\nTraining complete ({(time.time() - t0) / 3600:.3f} hours)")
-    print(f"Best {splits.val_name} top-1 {final.top1:.4f}, top-5 {final.top5:.4f} (epoch {best_ckpt['epoch'] + 1})")
-    print(format_per_class(final, names))
+    LOGGER.info(f"\nTraining complete ({(time.time() - t0) / 3600:.3f} hours)")
+    LOGGER.info(f"Best {splits.val_name} top-1 {final.top1:.4f}, top-5 {final.top5:.4f} (epoch {best_ckpt['epoch'] + 1})")
+    LOGGER.info(format_per_class(final, names))
     plot_results(save_dir / "results.csv")
     plot_confusion(final.confusion, names, save_dir / "confusion_matrix.png")
     save_per_class(final.per_class, final.support, names, save_dir)
-    print(f"Results saved to {save_dir}\n"
-          f"Validate: python classify/val.py --weights {best} --data {opt.data} --imgsz {opt.imgsz}\n"
-          f"Predict:  python classify/predict.py --weights {best} --source path/to/image.jpg")
+    LOGGER.info(f"Results saved to {save_dir}\n"
+                f"Validate: python classify/val.py --weights {best} --data {opt.data} --imgsz {opt.imgsz}\n"
+                f"Predict:  python classify/predict.py --weights {best} --source path/to/image.jpg")
     return {"save_dir": save_dir, "best": best, "last": last, "top1": final.top1, "top5": final.top5}
 
 

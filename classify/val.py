@@ -24,6 +24,7 @@ from classify.engine import EvalResult, evaluate, format_per_class  # noqa: E402
 from classify.plots import plot_confusion, save_per_class  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path  # noqa: E402
+from utils.logging import LOGGER  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
 
@@ -70,17 +71,17 @@ def run(
         raise UserError(f"no images found in {split_dir}")
     loader = build_loader(ClassificationDataset(samples, imgsz, augment=False), batch_size, False, workers,
                           pin=dev.type == "cuda")
-    print(f"{ckpt['model']} ({ckpt.get('stem', 'small')} stem, {len(names)} classes) on {split_dir}: "
-          f"{len(samples)} images at {imgsz}x{imgsz}")
+    LOGGER.info(f"{ckpt['model']} ({ckpt.get('stem', 'small')} stem, {len(names)} classes) on {split_dir}: "
+                f"{len(samples)} images at {imgsz}x{imgsz}")
     result = evaluate(model, loader, dev, len(names), nn.CrossEntropyLoss(), desc=split_dir.name)
-    print(f"top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  loss {result.loss:.4f}  ({result.n} images)")
+    LOGGER.info(f"top-1 {result.top1:.4f}  top-5 {result.top5:.4f}  loss {result.loss:.4f}  ({result.n} images)")
     if verbose:
-        print(format_per_class(result, names))
+        LOGGER.info(format_per_class(result, names))
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
         plot_confusion(result.confusion, names, save_dir / "confusion_matrix.png")
         save_per_class(result.per_class, result.support, names, save_dir)
-        print(f"Results saved to {save_dir}")
+        LOGGER.info(f"Results saved to {save_dir}")
     return result
 
 

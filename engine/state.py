@@ -17,7 +17,8 @@ import torch.nn as nn
 from models.yolo import Model, load_cfg
 from utils.autoanchor import check_anchors
 from utils.autobatch import autobatch
-from utils.checkpoints import atomic_save, make_checkpoint, read_checkpoint, resolve_weights, safe_load
+from models.checkpoints import read_checkpoint, safe_load
+from utils.checkpoints import atomic_save, make_checkpoint, resolve_weights
 from utils.checks import check_freeze, check_resume_nc
 from utils.datasets import create_dataloader
 from utils.errors import UserError

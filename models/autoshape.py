@@ -15,7 +15,6 @@ import urllib.request
 from copy import copy
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn as nn

@@ -25,8 +25,10 @@ import torch
 import torch.nn as nn
 import yaml
 
-from utils.checkpoints import load_model, resolve_weights
+from models.checkpoints import load_model
+from utils.checkpoints import resolve_weights
 from utils.errors import UserError
+from utils.logging import LOGGER
 
 SUFFIXES = (".pt", ".torchscript", ".onnx", "_openvino_model/ or .xml")
 # torch.jit.load runs the archive's own scripted code (e.g. a __setstate__), which can read and write
@@ -242,7 +244,7 @@ class DetectMultiBackend(nn.Module):
     # --- inference ---------------------------------------------------------------------------
     def forward(self, im: torch.Tensor, augment: bool = False) -> torch.Tensor:
         if augment and not self.pt and not self._warned_augment:
-            print(f"WARNING: augmented inference needs .pt weights; ignored for {self.weights.name}")
+            LOGGER.warning(f"augmented inference needs .pt weights; ignored for {self.weights.name}")
             self._warned_augment = True
         if self.fixed_imgsz is not None and tuple(im.shape[-2:]) != tuple(self.fixed_imgsz):
             h, w = self.fixed_imgsz

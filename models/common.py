@@ -11,6 +11,9 @@ import warnings
 import torch
 import torch.nn as nn
 
+from models.blocks import CONCAT, CONV, CONV_REPEATS, SPACE_TO_DEPTH, declare
+from models.space_to_depth import space_to_depth_slices
+
 
 def autopad(k: int | tuple, p: int | tuple | None = None, d: int = 1) -> int | list:
     """'Same' padding for an odd kernel at stride 1 (and the YOLOv5 convention for even kernels)."""
@@ -34,6 +37,15 @@ def make_act(act=True) -> nn.Module:
     return nn.Identity()
 
 
+def _ungrouped(m: nn.Module) -> bool:
+    return m.conv.groups == 1  # a grouped conv's input channels cannot be moved to other positions
+
+
+def _no_residual(m: nn.Module) -> bool:
+    return not m.add  # the residual add reads the input too
+
+
+@declare(CONV, input_convs=("conv",), out_weight="conv.weight")
 class Conv(nn.Module):
     """Conv2d -> BatchNorm2d -> SiLU (or `act`). After `fuse()` the BN is folded into the conv (forward_fuse)."""
 
@@ -52,6 +64,7 @@ class Conv(nn.Module):
         return self.act(self.conv(x))
 
 
+@declare(CONV, input_convs=("conv",), input_convs_if=_ungrouped, out_weight="conv.weight")
 class DWConv(Conv):
     """Depth-wise convolution: groups = gcd(c1, c2)."""
 
@@ -59,6 +72,7 @@ class DWConv(Conv):
         super().__init__(c1, c2, k, s, g=math.gcd(c1, c2), d=d, act=act)
 
 
+@declare(CONV, input_convs=("cv1.conv",), input_convs_if=_no_residual, out_weight="cv2.conv.weight")
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 expand, optional residual when the channel counts allow it."""
 
@@ -74,6 +88,7 @@ class Bottleneck(nn.Module):
         return x + y if self.add else y
 
 
+@declare(CONV_REPEATS, input_convs=("cv1.conv", "cv2.conv"), out_weight="cv3.conv.weight")
 class C3(nn.Module):
     """CSP bottleneck with three convolutions: two 1x1 branches, n bottlenecks on one, 1x1 merge."""
 
@@ -89,6 +104,7 @@ class C3(nn.Module):
         return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
 
 
+@declare(CONV, input_convs=("cv1.conv",), out_weight="cv2.conv.weight")
 class SPP(nn.Module):
     """Spatial pyramid pooling with parallel max-pools of several sizes."""
 
@@ -106,6 +122,7 @@ class SPP(nn.Module):
             return self.cv2(torch.cat([x] + [m(x) for m in self.m], 1))
 
 
+@declare(CONV, input_convs=("cv1.conv",), out_weight="cv2.conv.weight")
 class SPPF(nn.Module):
     """SPP-Fast: one max-pool applied three times in series equals SPP(5, 9, 13), cheaper."""
 
@@ -123,25 +140,7 @@ class SPPF(nn.Module):
         return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
 
 
-def check_even_hw(x: torch.Tensor, what: str) -> None:
-    """SPD needs even spatial sizes; cropping silently would drop a row/column of pixels."""
-    h, w = x.shape[-2:]
-    if not torch.jit.is_tracing() and (int(h) % 2 or int(w) % 2):
-        raise ValueError(
-            f"{what} needs even height and width, got {int(h)}x{int(w)}: "
-            "use an input size that is a multiple of the model stride"
-        )
-
-
-def space_to_depth_slices(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 4C, H/2, W/2) in the SPD-Conv authors' channel order.
-
-    Channel block k holds the phase (row, col) = (0,0), (1,0), (0,1), (1,1) for k = 0..3.
-    """
-    check_even_hw(x, "space_to_depth")
-    return torch.cat([x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]], 1)
-
-
+@declare(CONV, out_weight="conv.conv.weight")  # its conv reads the space-to-depth of the input
 class Focus(nn.Module):
     """Space-to-depth of the input image followed by a Conv: the SPD-Conv stem."""
 
@@ -153,6 +152,7 @@ class Focus(nn.Module):
         return self.conv(space_to_depth_slices(x))
 
 
+@declare(CONV, out_weight="conv.conv.weight")
 class SPDConv(nn.Module):
     """SPD-Conv in the paper's order: space-to-depth (scale 2), then a non-strided Conv over the 4*c1 channels.
 
@@ -169,6 +169,7 @@ class SPDConv(nn.Module):
         return self.conv(space_to_depth_slices(x))
 
 
+@declare(SPACE_TO_DEPTH)
 class space_to_depth(nn.Module):  # noqa: N801 - name fixed by the SPD-Conv configs and checkpoints
     """The SPD layer: every 2x2 block of pixels becomes 4 channels; no information is dropped."""
 
@@ -180,6 +181,7 @@ class space_to_depth(nn.Module):  # noqa: N801 - name fixed by the SPD-Conv conf
         return space_to_depth_slices(x)
 
 
+@declare(CONCAT)
 class Concat(nn.Module):
     """Concatenate a list of tensors along a dimension (channels by default)."""
 

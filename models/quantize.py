@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from utils.errors import UserError
+from utils.logging import LOGGER
 
 INT8_DEFAULTS = {"calib_images": 300, "method": "minmax", "seed": 0}
 
@@ -50,7 +51,7 @@ def calibration_files(data: str | Path | dict | None, n: int, seed: int = 0) -> 
         raise UserError(f"--int8 calibration set is empty: none of the {len(files)} images in {d['train']} "
                         f"could be read")
     elif len(files) < n:
-        print(f"int8: the train split has {len(files)} images, fewer than --calib-images {n}: calibrating on all")
+        LOGGER.info(f"int8: the train split has {len(files)} images, fewer than --calib-images {n}: calibrating on all")
     return files
 
 

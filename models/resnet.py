@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from models.common import Conv, space_to_depth
+from models.space_to_depth import strided_to_spd_kernel
 
 # name -> (block type, blocks per stage)
 ARCHITECTURES: dict[str, tuple[str, tuple[int, int, int, int]]] = {
@@ -41,7 +42,6 @@ ARCHITECTURES: dict[str, tuple[str, tuple[int, int, int, int]]] = {
 AUTHORS_ARCHITECTURE = ("bottleneck", (3, 4, 6, 3))
 MODEL_NAMES = ("resnet18", "resnet18-spd", "resnet50", "resnet50-spd", "resnet18-spd-authors", "resnet50-spd-authors")
 STEMS = ("small", "imagenet", "plain-small", "focus")
-LAYOUTS = ("paper", "authors")
 WIDTHS = (64, 128, 256, 512)
 
 
@@ -281,23 +281,14 @@ def spd_weight_from_strided(w: torch.Tensor) -> torch.Tensor:
     """Weights for an SPD-Conv (k x k, stride 1, pad k//2) that computes exactly what a k x k stride-2
     conv (pad k//2) with weights `w` computes, for odd k.
 
-    Input row 2i + d of the strided conv is row i + floor(d/2) of space-to-depth phase d mod 2, and
-    space_to_depth stacks phases (row, col) = (0,0), (1,0), (0,1), (1,1) as channel blocks 0..3; the
-    same holds for columns. So a pretrained baseline converts to an SPD model that starts as the same
-    function (with the small stem, where the max-pool does not exist).
+    Input row 2i + d of the strided conv is row i + floor(d/2) of space-to-depth phase d mod 2 (the proof
+    is in models.space_to_depth.strided_to_spd_kernel). So a pretrained baseline converts to an SPD model
+    that starts as the same function (with the small stem, where the max-pool does not exist).
     """
-    c2, c1, k, k2 = w.shape
+    k, k2 = w.shape[2:]
     if k != k2 or k % 2 == 0:
         raise ValueError(f"need a square odd kernel, got {k}x{k2}")
-    p = k // 2
-    out = w.new_zeros(c2, 4 * c1, k, k)
-    for ay in range(k):
-        dy = ay - p
-        for ax in range(k):
-            dx = ax - p
-            block = (dy % 2) + 2 * (dx % 2)
-            out[:, block * c1 : (block + 1) * c1, p + dy // 2, p + dx // 2] += w[:, :, ay, ax]
-    return out
+    return strided_to_spd_kernel(w, k // 2, k)[0]
 
 
 _TV_RULES = [

@@ -18,7 +18,8 @@ Layer indices shift by one per inserted `space_to_depth`; they are derived by wa
 
 The paper-order family (`-spdconv`, `-spdlite`, `-p2`, `-p2-spdconv`) pairs layer for layer instead:
 a stride-2 Conv becomes an SPDConv whose kernel holds the same taps in the matching phases
-(`spdconv_kernel`, with its proof), and a P2 model's extra layers start as YOLOv5 initialises them.
+(`spdconv_kernel` = models.space_to_depth.strided_to_spd_kernel, with its proof), and a P2 model's extra
+layers start as YOLOv5 initialises them.
 
 Usage:
     python -m models.spd convert --weights yolov5n.pt --cfg yolov5n-spd.yaml --out yolov5n-spd.pt
@@ -39,33 +40,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
+from models.blocks import CONV_REPEATS, declarations, out_weights, pass_through, transfer_input_readers  # noqa: E402
+from models.space_to_depth import rearrange_stem_weight, strided_to_spd_kernel as spdconv_kernel  # noqa: E402
 from models.yolo import DetectionModel, load_cfg, parse_model  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
+from utils.logging import LOGGER  # noqa: E402
 
-# space-to-depth channel block k holds pixel phase (row, col) PHASES[k]; must match models.common
-PHASES = ((0, 0), (1, 0), (0, 1), (1, 1))
-
-# Sub-tensors of a layer that read the layer's input (the only ones that need channel routing)
-_INPUT_READERS = {
-    "Conv": ("conv.weight",),
-    "C3": ("cv1.conv.weight", "cv2.conv.weight"),
-    "SPP": ("cv1.conv.weight",),
-    "SPPF": ("cv1.conv.weight",),
-}
-# Layers whose output keeps each input channel where it is (spatial ops only)
-_PASS_THROUGH = {"nn.Upsample", "nn.MaxPool2d", "nn.Identity"}
-# Where a layer's output channel count can be read from its own weights
-_OUT_WEIGHT = {
-    "Conv": "conv.weight",
-    "DWConv": "conv.weight",
-    "C3": "cv3.conv.weight",
-    "SPP": "cv2.conv.weight",
-    "SPPF": "cv2.conv.weight",
-    "Bottleneck": "cv2.conv.weight",
-    "Focus": "conv.conv.weight",
-    "SPDConv": "conv.conv.weight",
-    "nn.BatchNorm2d": "weight",
-}
 _CONSTANTS = {"None": None, "True": True, "False": False}
 
 
@@ -245,16 +225,6 @@ def plain_twin_of(spd_cfg: str | Path | dict) -> dict:
 
 
 # --- tensors ---------------------------------------------------------------------------------------
-def rearrange_stem_weight(w: torch.Tensor) -> torch.Tensor:
-    """(O, C, 2K, 2K) stride-2 stem kernel -> (O, 4C, K, K) kernel for Focus (space-to-depth then conv).
-
-    W'[o, k*C + i, u, v] = W[o, i, 2u + dr_k, 2v + dc_k] for phase k = (dr_k, dc_k).
-    """
-    if w.ndim != 4 or w.shape[2] % 2 or w.shape[3] % 2:
-        raise ValueError(f"stem kernel must be (O, C, 2K, 2K) with even sides, got {tuple(w.shape)}")
-    return torch.cat([w[:, :, dr::2, dc::2] for dr, dc in PHASES], 1).contiguous()
-
-
 def route_input_channels(w: torch.Tensor, positions: torch.Tensor, c_in: int) -> torch.Tensor:
     """Place the input-channel slices of a conv kernel at `positions` of a wider input, zeros elsewhere.
 
@@ -267,9 +237,14 @@ def route_input_channels(w: torch.Tensor, positions: torch.Tensor, c_in: int) ->
     return out
 
 
+def _sequential(n: int, m: str) -> bool:
+    """A module repeated n > 1 times is an nn.Sequential of n copies, unless it takes the repeats inside (C3)."""
+    d = declarations().get(m)
+    return n > 1 and not (d is not None and d.kind == CONV_REPEATS)
+
+
 def _prefix(i: int, n: int, m: str) -> str:
-    # a repeated non-C3 module is an nn.Sequential of n copies: the first reads the input
-    return f"model.{i}.0." if n > 1 and m != "C3" else f"model.{i}."
+    return f"model.{i}.0." if _sequential(n, m) else f"model.{i}."  # of a Sequential, the first reads the input
 
 
 def _out_channels(shapes: dict, i: int, n: int, m: str, cin: list[int]) -> int | None:
@@ -277,13 +252,14 @@ def _out_channels(shapes: dict, i: int, n: int, m: str, cin: list[int]) -> int |
         return sum(cin)
     if m == "space_to_depth":
         return 4 * cin[0]
-    if m in _PASS_THROUGH:
+    if m in pass_through():
         return cin[0]
     if m == "Detect":
         return None
-    if m in _OUT_WEIGHT:
-        last = f"model.{i}.{n - 1}." if n > 1 and m != "C3" else f"model.{i}."
-        return int(shapes[last + _OUT_WEIGHT[m]][0])
+    out_weight = out_weights().get(m)  # declared per block (models/blocks.py)
+    if out_weight:
+        last = f"model.{i}.{n - 1}." if _sequential(n, m) else f"model.{i}."
+        return int(shapes[last + out_weight][0])
     raise UserError(f"layer {i}: module {m} is not supported by the SPD transfer")
 
 
@@ -316,6 +292,8 @@ def transfer_state_dict(
     result: dict = {}
     used: set[str] = set()
     skipped: list[str] = []
+    # per block type (models/blocks.py): the weights that read a layer's input, the layers that keep channels
+    input_readers, passes = transfer_input_readers(), pass_through()
     for pair in pairs:
         i, s = pair.plain, pair.spd
         f, n, m, _ = P[i]
@@ -332,9 +310,9 @@ def transfer_state_dict(
         readers: dict[str, tuple[torch.Tensor, int]] = {}  # plain key -> (positions, SPD channels)
         if m == "Detect":
             readers = {f"{pre_p}m.{k}.weight": (in_emb[k], in_ch[k]) for k in range(len(in_emb))}
-        elif routed and m in _INPUT_READERS:
-            readers = {_prefix(i, n, m) + r: (in_emb[0], in_ch[0]) for r in _INPUT_READERS[m]}
-        elif routed and m not in _PASS_THROUGH and m != "Concat":
+        elif routed and m in input_readers:
+            readers = {_prefix(i, n, m) + r: (in_emb[0], in_ch[0]) for r in input_readers[m]}
+        elif routed and m not in passes and m != "Concat":
             raise UserError(f"plain layer {i} ({m}) reads a space-to-depth output, which the transfer cannot route for {m}")
 
         for key in [k for k in plain_state if k.startswith(pre_p)]:
@@ -373,7 +351,7 @@ def transfer_state_dict(
             offsets = torch.tensor([0] + in_ch[:-1]).cumsum(0).tolist()
             emb[i] = torch.cat([e + o for e, o in zip(in_emb, offsets)])
             spd_ch[s] = sum(in_ch)
-        elif m in _PASS_THROUGH:
+        elif m in passes:
             emb[i], spd_ch[s] = in_emb[0], in_ch[0]
         elif m != "Detect":
             c = _out_channels(plain_shapes, i, n, m, [len(e) for e in in_emb])
@@ -406,7 +384,8 @@ def transfer_checkpoint(
 def transfer_plain_weights(weights: str | Path, spd_cfg: str | Path | dict, nc: int | None = None,
                            verbose: bool = True) -> tuple[dict, dict[int, str], bool]:
     """transfer_checkpoint, also returning whether the result computes the plain function (on the shared levels)."""
-    from utils.checkpoints import read_checkpoint, resolve_weights
+    from models.checkpoints import read_checkpoint
+    from utils.checkpoints import resolve_weights
 
     info = read_checkpoint(resolve_weights(weights))
     plain = {**info["cfg"], "yaml_file": info["cfg"].get("yaml_file") or f"the config in {Path(weights).name}"}
@@ -443,46 +422,11 @@ def transfer_plain_weights(weights: str | Path, spd_cfg: str | Path | dict, nc: 
                f"to the nearest tap it has. NOT function-preserving: the model starts near, not at, the plain one"
                + "".join(f"; {e}" for e in extra))
     if verbose:  # (train.py reports the transfer itself, in the same words for every path)
-        print(msg)
+        LOGGER.info(msg)
     return state, info["names"], exact
 
 
 # --- the model family: SPDConv (paper order) and P2 heads, layer for layer -----------------------------
-def spdconv_kernel(w: torch.Tensor, p: int, k: int) -> tuple[torch.Tensor, bool]:
-    """(O, C, kh, kw) kernel of a stride-2 conv with padding p -> (O, 4C, k, k) kernel of an SPDConv(k).
-
-    Returns (kernel, exact). Proof that the SPDConv computes the very same function when exact is True.
-    The plain conv is  y[o, Y, X] = sum_{i,a,b} W[o,i,a,b] x[i, 2Y + a - p, 2X + b - p]  (x zero outside).
-    Space-to-depth block j holds the phase (r_j, c_j) = PHASES[j]:  x_j[i, Y', X'] = x[i, 2Y' + r_j, 2X' + c_j],
-    and for even H, W its zero padding is exactly x's zero padding. The SPDConv, a k x k stride-1 conv with
-    padding q = k // 2 on it, is  y'[o, Y, X] = sum_{j,i,u,v} W'[o, jC+i, u, v] x[i, 2Y + 2(u-q) + r_j, 2X + 2(v-q) + c_j].
-    Every offset d = a - p is 2(u - q) + r for exactly one r in {0, 1} (r = d mod 2, u = q + floor(d / 2)),
-    so W'[o, jC+i, u, v] = W[o,i,a,b] at that (j, u, v), zero elsewhere, makes the two sums equal term by
-    term, as long as every u lies in [0, k): offsets -2q .. 2(k-1-q)+1. For k = 3 that is -2..3: a 3x3 conv
-    (p=1, offsets -1..1) uses 4 of the 9 taps per phase, YOLOv5's 6x6 stem (p=2, offsets -2..3) all of them
-    (which is why a 6x6 stride-2 conv is a 3x3 conv on the space-to-depth input). Output sizes agree too
-    (H/2 both); BN and the activation act per channel and pixel, so the whole Conv block carries over.
-    For k = 1 only offsets 0 and 1 exist: the -1 taps of a 3x3 conv (and -2, -1, 2, 3 of the stem) have
-    no place. exact is then False and each such tap is added to the nearest offset there is (which keeps
-    the kernel's sum, i.e. its response to a constant input, so the BN statistics stay roughly right).
-    """
-    if w.ndim != 4:
-        raise ValueError(f"kernel must be (O, C, kh, kw), got {tuple(w.shape)}")
-    o, c = w.shape[:2]
-    q = k // 2
-    lo, hi = -2 * q, 2 * (k - 1 - q) + 1
-    out = torch.zeros((o, 4 * c, k, k), dtype=w.dtype, device=w.device)
-    exact = True
-    for a in range(w.shape[2]):
-        for b in range(w.shape[3]):
-            da, db = a - p, b - p
-            ca, cb = min(max(da, lo), hi), min(max(db, lo), hi)
-            exact &= (ca, cb) == (da, db)
-            j = PHASES.index((ca % 2, cb % 2))
-            out[:, j * c : (j + 1) * c, q + ca // 2, q + cb // 2] += w[:, :, a, b]
-    return out, exact
-
-
 def uses_spdconv(cfg: str | Path | dict) -> bool:
     """True for a config with an SPDConv layer (the paper-order family: -spdconv, -spdlite, -p2-spdconv)."""
     return any(m == "SPDConv" for _, _, m, _ in _layers(_cfg(cfg)))
@@ -677,7 +621,8 @@ def convert(weights: str | Path, cfg: str | Path, out: str | Path, tol: float = 
     Exact transfers must reproduce the plain outputs (on the shared levels) within tol or nothing is
     written; an approximate one (SPDConv(k=1)) is written with its measured distance in the log.
     """
-    from utils.checkpoints import atomic_save, load_model, make_checkpoint, resolve_weights
+    from models.checkpoints import load_model
+    from utils.checkpoints import atomic_save, make_checkpoint, resolve_weights
 
     src, out = resolve_weights(weights), Path(out)
     if out.exists() and out.resolve() == src.resolve():
@@ -704,8 +649,8 @@ def convert(weights: str | Path, cfg: str | Path, out: str | Path, tol: float = 
         tmp.unlink(missing_ok=True)
     what = "verified against" if exact else "NOT exact; measured against"
     scope = "the shared detection levels" if missing else "decoded boxes and scores"
-    print(f"Saved {out} ({'fp16' if half else 'fp32'}, {len(names)} classes); "
-          f"{what} {weights}: max abs diff {diff:.3g} on a random 256x256 input ({scope})")
+    LOGGER.info(f"Saved {out} ({'fp16' if half else 'fp32'}, {len(names)} classes); "
+                f"{what} {weights}: max abs diff {diff:.3g} on a random 256x256 input ({scope})")
     return out
 
 

@@ -26,20 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, Focus, SPDConv, check_even_hw, space_to_depth
-
-# Slice-form channel block for each block-major phase p = 2 * row + col: blocks 1 and 2 trade places.
-_SLICE_BLOCK_OF_PHASE = (0, 2, 1, 3)
-
-
-def slice_order_index(c: int, device: torch.device | None = None) -> torch.Tensor:
-    """idx such that space_to_depth_blocks(x) == space_to_depth_slices(x)[:, idx] for x with c channels."""
-    return torch.cat([torch.arange(c, device=device) + k * c for k in _SLICE_BLOCK_OF_PHASE])
-
-
-def _blocks(x: torch.Tensor) -> torch.Tensor:
-    b, c, h, w = x.shape
-    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
+from models.blocks import export_input_convs, pass_through_types
+from models.common import Concat, Conv, Focus, SPDConv, space_to_depth
+from models.space_to_depth import (check_even_hw, depth_to_space_kernel, slice_order_index, space_to_depth_ordered,
+                                   to_block_order)
+from utils.logging import LOGGER
 
 
 class _SpaceToDepthBlocksFn(torch.autograd.Function):
@@ -47,7 +38,7 @@ class _SpaceToDepthBlocksFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return _blocks(x)
+        return to_block_order(x)
 
     @staticmethod
     def symbolic(g, x):  # noqa: D102 - called by torch.onnx (TorchScript exporter) only
@@ -58,15 +49,8 @@ def space_to_depth_blocks(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, 4C, H/2, W/2), channel (2 * row + col) * C + c: ONNX SpaceToDepth's order."""
     check_even_hw(x, "space_to_depth")
     if torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
-        return _blocks(x)  # TorchScript keeps plain ops; the custom Function is only for the ONNX exporter
+        return to_block_order(x)  # TorchScript keeps plain ops; the custom Function is only for the ONNX exporter
     return _SpaceToDepthBlocksFn.apply(x)
-
-
-def space_to_depth_ordered(x: torch.Tensor) -> torch.Tensor:
-    """The authors' channel order (same values as the four slices) as one reshape/permute."""
-    check_even_hw(x, "space_to_depth")
-    b, c, h, w = x.shape
-    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 5, 3, 1, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
 
 
 class SpaceToDepthFolded(nn.Module):
@@ -102,9 +86,6 @@ class FocusOrdered(nn.Module):
         return self.conv(space_to_depth_ordered(x))
 
 
-EXPORT_FORM_TYPES = (SpaceToDepthFolded, SpaceToDepthBlocks, SpaceToDepthOrdered, FocusOrdered)
-
-
 # --- weight rewrites ----------------------------------------------------------------------------------
 def _foldable(conv: nn.Conv2d, c_in: int) -> bool:
     return (isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.dilation == (1, 1)
@@ -118,11 +99,9 @@ def fold_space_to_depth(conv: nn.Conv2d) -> nn.Conv2d:
     Tap (t, u) of s2d channel k * C + c, phase (dr, dc), reads input pixel (2t + dr, 2u + dc) of the
     block, so the kernel doubles, stride and padding double, and FLOPs stay the same.
     """
-    o, c4, kh, kw = conv.weight.shape
-    c = c4 // 4
-    # slice channel index k * C + c with k = dr + 2 * dc: view as (o, dc, dr, c, t, u)
-    w = conv.weight.view(o, 2, 2, c, kh, kw).permute(0, 3, 4, 2, 5, 1).reshape(o, c, 2 * kh, 2 * kw)
-    folded = nn.Conv2d(c, o, (2 * kh, 2 * kw), stride=(2 * conv.stride[0], 2 * conv.stride[1]),
+    w = depth_to_space_kernel(conv.weight)
+    o, c, kh, kw = w.shape
+    folded = nn.Conv2d(c, o, (kh, kw), stride=(2 * conv.stride[0], 2 * conv.stride[1]),
                        padding=(2 * conv.padding[0], 2 * conv.padding[1]), bias=conv.bias is not None)
     folded = folded.to(device=conv.weight.device, dtype=conv.weight.dtype)
     folded.weight.copy_(w)
@@ -159,19 +138,7 @@ def _sources(m: nn.Module) -> list[int]:
 
 def _layer_readers(m: nn.Module, slot: int) -> list[tuple[nn.Module, str]] | None:
     """The convs that read input `slot` of layer m linearly over channels, or None if something else does."""
-    if isinstance(m, nn.Sequential):  # n > 1 repeats of one module: only the first sees the input
-        return _layer_readers(m[0], slot) if len(m) else None
-    if isinstance(m, Conv) and m.conv.groups == 1:
-        return [(m, "conv")]
-    if isinstance(m, C3):
-        return [(m.cv1, "conv"), (m.cv2, "conv")]
-    if isinstance(m, (SPP, SPPF)):
-        return [(m.cv1, "conv")]
-    if isinstance(m, Bottleneck) and not m.add:
-        return [(m.cv1, "conv")]
-    if type(m).__name__ == "Detect":
-        return [(m.m, str(slot))]
-    return None
+    return export_input_convs(m, slot)  # from the block's declaration (models/blocks.py)
 
 
 def _channel_counts(model: nn.Module) -> dict[int, int]:
@@ -205,7 +172,7 @@ def _find_readers(layers: nn.Sequential, i: int, counts: dict[int, int], offset:
                     return None
                 inner = offset + sum(counts[s] for s in srcs[:slot])
                 sub = _find_readers(layers, m.i, counts, inner, direct=False)
-            elif isinstance(m, (nn.Upsample, nn.MaxPool2d, nn.Identity)):  # per-channel: order passes through
+            elif isinstance(m, pass_through_types()):  # per-channel: order passes through
                 sub = _find_readers(layers, m.i, counts, offset, direct=False)
             else:
                 found = _layer_readers(m, slot)
@@ -270,8 +237,8 @@ def to_export_form(model: nn.Module, verbose: bool = False) -> nn.Module:
     model.spd_export_form = summary
     model.train(was_training)
     if verbose:
-        print(f"SPD export form: {summary['folded']} folded into stride-2 convs, {summary['blocks']} as SpaceToDepth "
-              f"with permuted readers, {summary['ordered']} as one reshape/permute")
+        LOGGER.info(f"SPD export form: {summary['folded']} folded into stride-2 convs, {summary['blocks']} as SpaceToDepth "
+                    f"with permuted readers, {summary['ordered']} as one reshape/permute")
     return model
 
 

@@ -5,7 +5,6 @@ Usage:  python models/yolo.py --cfg yolov5s-spd.yaml   (prints the layer table a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 from copy import deepcopy
@@ -19,21 +18,25 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.common import C3, SPP, SPPF, Bottleneck, Concat, Conv, DWConv, Focus, SPDConv, space_to_depth  # noqa: E402
+from models.blocks import CONCAT, CONV_REPEATS, DETECT, NORM, SPACE_TO_DEPTH, conv_like, declarations, declare  # noqa: E402
+from models.common import Conv  # noqa: E402
+from utils.autoanchor import check_anchor_order  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.limits import check_limit, limit  # noqa: E402
+from utils.logging import LOGGER  # noqa: E402
 from utils.torch_utils import fuse_conv_and_bn, model_info, scale_img  # noqa: E402
 
 MODELS_DIR = Path(__file__).resolve().parent
 
 
+@declare(DETECT, input_convs=("m.{slot}",))
 class Detect(nn.Module):
     """Per-level 1x1 convs to (na * (5 + nc)) channels; in inference mode also decodes boxes to pixels."""
 
     stride = None  # set by DetectionModel from a forward pass
     export = False  # export mode returns only the decoded tensor
 
-    def __init__(self, nc: int = 80, anchors=(), ch=(), inplace: bool = True):
+    def __init__(self, nc: int = 80, anchors=(), ch=()):
         super().__init__()
         self.nc = nc
         self.no = nc + 5
@@ -43,7 +46,6 @@ class Detect(nn.Module):
         self.anchor_grid = [torch.empty(0) for _ in range(self.nl)]
         self.register_buffer("anchors", torch.tensor(anchors).float().view(self.nl, -1, 2))
         self.m = nn.ModuleList(nn.Conv2d(x, self.no * self.na, 1) for x in ch)
-        self.inplace = inplace
 
     def forward(self, x: list[torch.Tensor]):
         z = []
@@ -70,16 +72,6 @@ class Detect(nn.Module):
         grid = torch.stack((xv, yv), 2).expand(shape) - 0.5
         anchor_grid = (self.anchors[i] * self.stride[i]).view((1, self.na, 1, 1, 2)).expand(shape)
         return grid, anchor_grid
-
-
-def check_anchor_order(m: Detect) -> None:
-    """Anchors must grow with stride (P3 smallest); reverse them if a config lists them the other way."""
-    a = m.anchors.prod(-1).mean(-1).view(-1)
-    da = a[-1] - a[0]
-    ds = m.stride[-1] - m.stride[0]
-    if da and (da.sign() != ds.sign()):
-        print("AutoAnchor: reversing anchor order")
-        m.anchors[:] = m.anchors.flip(0)
 
 
 def resolve_cfg(cfg: str | Path) -> Path:
@@ -109,25 +101,6 @@ def load_cfg(cfg: str | Path | dict) -> dict:
 
 CFG_KEYS = {"nc", "depth_multiple", "width_multiple", "anchors", "backbone", "head", "activation", "ch", "inplace", "yaml_file"}
 
-# Modules a config may name; a registry rather than eval() so a config cannot run code.
-MODULES = {
-    "Conv": Conv,
-    "DWConv": DWConv,
-    "Bottleneck": Bottleneck,
-    "C3": C3,
-    "SPP": SPP,
-    "SPPF": SPPF,
-    "Focus": Focus,
-    "SPDConv": SPDConv,
-    "Concat": Concat,
-    "space_to_depth": space_to_depth,
-    "Detect": Detect,
-    "nn.Upsample": nn.Upsample,
-    "nn.BatchNorm2d": nn.BatchNorm2d,
-    "nn.MaxPool2d": nn.MaxPool2d,
-    "nn.Identity": nn.Identity,
-}
-CONV_LIKE = (Conv, DWConv, Bottleneck, C3, SPP, SPPF, Focus, SPDConv)
 ACTIVATIONS = {"nn.SiLU()": nn.SiLU, "nn.ReLU()": nn.ReLU, "nn.LeakyReLU(0.1)": lambda: nn.LeakyReLU(0.1), "nn.Hardswish()": nn.Hardswish}
 
 
@@ -160,14 +133,15 @@ def _layer_rows(d: dict) -> list:
     return rows
 
 
-def _build_layer(mod, args: list, n: int, kw: dict, params_so_far: int, c_max: int) -> tuple[nn.Module, int]:
+def _build_layer(mod, args: list, n: int, kw: dict, params_so_far: int, c_max: int,
+                 inner_repeats: int = 1) -> tuple[nn.Module, int]:
     """Build n copies of a layer, first on the meta device (no memory) when it might be large, so its
     parameters are counted against the limit before any is allocated: a tiny file must not be able
     to ask for gigabytes."""
     def make() -> nn.Module:
         return nn.Sequential(*(mod(*args, **kw) for _ in range(n))) if n > 1 else mod(*args, **kw)
 
-    bound = 16 * 9 * max(n, 1) * max(args[1] if mod is C3 else 1, 1) * c_max**2  # over every block's 3x3/1x1 convs
+    bound = 16 * 9 * max(n, 1) * max(inner_repeats, 1) * c_max**2  # over every block's 3x3/1x1 convs
     if params_so_far + bound > limit("params"):
         with torch.device("meta"):
             n_params = sum(p.numel() for p in make().parameters())
@@ -198,9 +172,9 @@ def parse_model(d: dict, ch: list[int], verbose: bool = True) -> tuple[nn.Sequen
     names = {"nc": nc, "anchors": anchors, "None": None, "True": True, "False": False}
 
     if verbose:
-        print(f"\n{'':>3}{'from':>18}{'n':>3}{'params':>10}  {'module':<40}{'arguments':<30}")
+        LOGGER.info(f"\n{'':>3}{'from':>18}{'n':>3}{'params':>10}  {'module':<40}{'arguments':<30}")
     layers, save, c2 = [], [], ch[-1]
-    layers_cfg = _layer_rows(d)
+    layers_cfg, decls, convs = _layer_rows(d), declarations(), conv_like()
     i = 0
     try:
         for i, (f, n, m, args) in enumerate(layers_cfg):
@@ -209,28 +183,28 @@ def parse_model(d: dict, ch: list[int], verbose: bool = True) -> tuple[nn.Sequen
                 raise UserError(f"model config layer {i}: expected [from (int or list), number (int), module, args], got {[f, n, m, args]}")
             if any(not (-1 <= x < i if x >= 0 or x == -1 else -i <= x) for x in ([f] if isinstance(f, int) else f)):
                 raise UserError(f"model config layer {i}: 'from' {f} must name earlier layers (0-{i - 1} or -1)")
-            if m not in MODULES:
-                raise UserError(f"layer {i}: unknown module '{m}' (known: {sorted(MODULES)})")
-            mod = MODULES[m]
+            if m not in decls:
+                raise UserError(f"layer {i}: unknown module '{m}' (known: {sorted(decls)})")
+            mod, kind = decls[m].cls, decls[m].kind
             args = [names.get(a, a) if isinstance(a, str) else a for a in args]
             n = n_ = max(round(n * gd), 1) if n > 1 else n
-            if mod in CONV_LIKE:
+            if mod in convs:
                 c1, c2 = ch[f], args[0]
                 if c2 != no:
                     c2 = make_divisible(c2 * gw, 8)
                 args = [c1, c2, *args[1:]]
-                if mod is C3:
+                if kind == CONV_REPEATS:
                     args.insert(2, n)
                     n = 1
-            elif mod is nn.BatchNorm2d:
-                args = [ch[f]]
-            elif mod is Concat:
+            elif kind == NORM:
+                args = [ch[f]]  # c2 keeps the previous layer's value, as in YOLOv5
+            elif kind == CONCAT:
                 c2 = sum(ch[x] for x in f)
-            elif mod is Detect:
+            elif kind == DETECT:
                 args.append([ch[x] for x in f])
                 if isinstance(args[1], int):  # number of anchors per level -> placeholder anchors
                     args[1] = [list(range(args[1] * 2))] * len(f)
-            elif mod is space_to_depth:
+            elif kind == SPACE_TO_DEPTH:
                 c2 = 4 * ch[f]
             else:
                 c2 = ch[f]
@@ -239,14 +213,15 @@ def parse_model(d: dict, ch: list[int], verbose: bool = True) -> tuple[nn.Sequen
                 check_limit("repeats", n, f"model config layer {i}: {n} repeats of {m}")
                 check_limit("channels", c2, f"model config layer {i}: {c2} output channels")
                 c_max = max([c2] + [ch[x] for x in ([f] if isinstance(f, int) else f)])
-                m_, n_params = _build_layer(mod, args, n, act_kw if mod in CONV_LIKE else {}, total_params, c_max)
+                m_, n_params = _build_layer(mod, args, n, act_kw if mod in convs else {}, total_params, c_max,
+                                            args[2] if kind == CONV_REPEATS else 1)
                 total_params += n_params
             except (TypeError, ValueError, IndexError, KeyError, RuntimeError, ZeroDivisionError) as e:
                 raise UserError(f"model config layer {i}: {m} cannot be built from {args} ({type(e).__name__}: {str(e)[:120]})") from None
             m_.i, m_.f, m_.type = i, f, m
             m_.np = sum(x.numel() for x in m_.parameters())
             if verbose:
-                print(f"{i:>3}{str(f):>18}{n_:>3}{m_.np:10.0f}  {m:<40}{str(args):<30}")
+                LOGGER.info(f"{i:>3}{str(f):>18}{n_:>3}{m_.np:10.0f}  {m:<40}{str(args):<30}")
             save.extend(x % i for x in ([f] if isinstance(f, int) else f) if x != -1)
             layers.append(m_)
             if i == 0:
@@ -268,19 +243,17 @@ class DetectionModel(nn.Module):
         ch = self.yaml["ch"] = self.yaml.get("ch", ch)
         if nc and nc != self.yaml.get("nc"):
             if verbose:
-                print(f"Overriding model.yaml nc={self.yaml.get('nc')} with nc={nc}")
+                LOGGER.info(f"Overriding model.yaml nc={self.yaml.get('nc')} with nc={nc}")
             self.yaml["nc"] = nc
         if anchors:
             self.yaml["anchors"] = round(anchors) if isinstance(anchors, float) else anchors
         self.model, self.save = parse_model(deepcopy(self.yaml), ch=[ch], verbose=verbose)
         self.names = {i: str(i) for i in range(self.yaml["nc"])}
-        self.inplace = self.yaml.get("inplace", True)
 
         m = self.model[-1]
         if not isinstance(m, Detect):
             raise UserError("the last layer of a detection config must be Detect")
         s = 256  # probe size: large enough for stride 32, even at every level
-        m.inplace = self.inplace
         self.train()
         with torch.no_grad():
             m.stride = torch.tensor([s / x.shape[-2] for x in self.forward(torch.zeros(1, ch, s, s))])
@@ -291,10 +264,10 @@ class DetectionModel(nn.Module):
         initialize_weights(self)
         if verbose:
             self.info()
-            print("")
+            LOGGER.info("")
 
     # --- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, augment: bool = False, profile: bool = False, visualize: bool = False):
+    def forward(self, x: torch.Tensor, augment: bool = False):
         if augment:
             return self._forward_augment(x)
         return self._forward_once(x)

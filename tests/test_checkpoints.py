@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.checkpoints import load_model, read_checkpoint, safe_load
 from models.yolo import Model
-from utils.checkpoints import atomic_save, load_model, make_checkpoint, read_checkpoint, resolve_weights, safe_load
+from utils.checkpoints import atomic_save, make_checkpoint, resolve_weights
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

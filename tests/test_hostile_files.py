@@ -29,10 +29,11 @@ from classify import predict as cls_predict
 from classify import train as cls_train
 from classify import val as cls_val
 from models.backends import DetectMultiBackend
+from models.checkpoints import load_model
 from tests import faults
 from tests.conftest import shared_path
 from tests.faults import onnx_with_metadata
-from utils.checkpoints import atomic_save, load_model, make_checkpoint
+from utils.checkpoints import atomic_save, make_checkpoint
 from utils.datasets import verify_image_label
 from utils.errors import UserError
 from utils.files import safe_name

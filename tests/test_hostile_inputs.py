@@ -27,9 +27,10 @@ import train
 import val
 from classify import predict as cls_predict
 from classify import val as cls_val
+from models.checkpoints import load_model
 from tests.conftest import shared_path
 from tests.faults import onnx_with_metadata
-from utils.checkpoints import FORMAT, atomic_save, load_model, make_checkpoint
+from utils.checkpoints import FORMAT, atomic_save, make_checkpoint
 from utils.datasets import LoadImagesAndLabels
 from utils.errors import UserError
 

@@ -26,7 +26,7 @@ import torch
 import torch.fx.graph_module as fx_graph_module
 import yaml
 
-from utils import checkpoints
+from models import checkpoints
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

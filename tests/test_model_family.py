@@ -23,7 +23,7 @@ from models.spd_export import has_slice_spd, to_export_form
 from models.yolo import DetectionModel
 from tests.conftest import ROOT, shared_path
 from tests.test_spd_transfer import _letterboxed, _randomise_bn
-from utils.checkpoints import load_model
+from models.checkpoints import load_model
 from utils.errors import UserError
 from utils.nms import non_max_suppression
 from utils.torch_utils import model_info
@@ -268,7 +268,7 @@ def test_train_val_detect_export_from_coco_weights(fam, yolov5n_weights, tmp_pat
 
 def test_pickled_spdconv_model_loads_with_weights_only(tmp_path):
     """A YOLOv5-style pickle (whole model objects) of an SPDConv model passes the checkpoint allow-list."""
-    from utils.checkpoints import read_checkpoint
+    from models.checkpoints import read_checkpoint
 
     torch.manual_seed(0)
     m = DetectionModel("yolov5n-p2-spdconv.yaml", verbose=False)

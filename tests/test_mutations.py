@@ -44,7 +44,7 @@ MUTATIONS = [
      "new_unpad = (max(int(round(shape[1] * r)), 1), max(int(round(shape[0] * r)), 1))",
      "new_unpad = (max(int(shape[1] * r), 1), max(int(shape[0] * r), 1))",
      ["tests/test_boxes_nms.py::test_letterbox_rounds_sizes_that_do_not_scale_to_integers"]),
-    ("allow-list-eval", "utils/checkpoints.py",
+    ("allow-list-eval", "models/checkpoints.py",
      "[set, collections.OrderedDict, argparse.Namespace]",
      "[set, collections.OrderedDict, argparse.Namespace, __import__('builtins').eval]",
      ["tests/test_hostile_pickles.py::test_allow_list_refuses_every_payload"]),

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from models.common import C3, Conv, Focus, space_to_depth, space_to_depth_slices
+from models.space_to_depth import PHASES
 from models.spd import (
-    PHASES,
     is_spd_cfg,
     layer_map,
     main,
@@ -22,7 +22,7 @@ from models.spd import (
 )
 from models.yolo import DetectionModel, load_cfg
 from utils.augmentations import letterbox
-from utils.checkpoints import load_model, safe_load
+from models.checkpoints import load_model, safe_load
 from utils.errors import UserError
 from utils.nms import non_max_suppression
 

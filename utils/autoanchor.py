@@ -14,6 +14,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from utils.logging import LOGGER
+from utils.torch_utils import de_parallel
+
 PREFIX = "AutoAnchor: "
 BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
 
@@ -34,6 +37,18 @@ def _label_wh(dataset: Any, img_size: int, scale: np.ndarray | None = None) -> n
     return np.concatenate(parts) if parts else np.zeros((0, 2))
 
 
+def check_anchor_order(m: nn.Module) -> None:
+    """Anchors must grow with stride (P3 smallest); reverse them if a config lists them the other way.
+
+    m: a Detect layer (its anchors and stride)."""
+    a = m.anchors.prod(-1).mean(-1).view(-1)
+    da = a[-1] - a[0]
+    ds = m.stride[-1] - m.stride[0]
+    if da and (da.sign() != ds.sign()):
+        LOGGER.info(f"{PREFIX}reversing anchor order")
+        m.anchors[:] = m.anchors.flip(0)
+
+
 def check_anchors(dataset: Any, model: nn.Module, thr: float = 4.0, imgsz: int = 640, seed: int | None = 0) -> None:
     """Report anchors/target and Best Possible Recall; evolve new anchors when BPR <= 0.98.
 
@@ -41,15 +56,13 @@ def check_anchors(dataset: Any, model: nn.Module, thr: float = 4.0, imgsz: int =
     anchors in grid units, so they are divided by the strides again after the swap.
     `seed` fixes the scale jitter and the evolution; None uses the global numpy/random state.
     """
-    from models.yolo import check_anchor_order  # lazy: models.yolo may import this module
-
-    m = (model.module if hasattr(model, "module") else model).model[-1]  # Detect
+    m = de_parallel(model).model[-1]  # Detect
     # random 0.9-1.1 rescale mimics the scale jitter training sees
     npr = np.random if seed is None else np.random.RandomState(seed)
     scale = npr.uniform(0.9, 1.1, size=(dataset.shapes.shape[0], 1))
     wh = torch.tensor(_label_wh(dataset, imgsz, scale)).float()
     if len(wh) == 0:
-        print(f"{PREFIX}no labels in the dataset, anchors left unchanged")
+        LOGGER.info(f"{PREFIX}no labels in the dataset, anchors left unchanged")
         return
 
     def metric(k: torch.Tensor) -> tuple[float, float]:
@@ -63,10 +76,10 @@ def check_anchors(dataset: Any, model: nn.Module, thr: float = 4.0, imgsz: int =
     bpr, aat = metric(anchors.cpu().view(-1, 2))
     s = f"\n{PREFIX}{aat:.2f} anchors/target, {bpr:.3f} Best Possible Recall (BPR). "
     if bpr > 0.98:
-        print(f"{s}The current anchors fit this dataset ✅")
+        LOGGER.info(f"{s}The current anchors fit this dataset ✅")
         return
 
-    print(f"{s}The anchors fit this dataset poorly ⚠️, evolving new ones...")
+    LOGGER.info(f"{s}The anchors fit this dataset poorly ⚠️, evolving new ones...")
     na = m.anchors.numel() // 2
     new = kmean_anchors(dataset, n=na, img_size=imgsz, thr=thr, gen=1000, verbose=False, seed=seed)
     new_bpr = metric(torch.tensor(new))[0]
@@ -75,9 +88,9 @@ def check_anchors(dataset: Any, model: nn.Module, thr: float = 4.0, imgsz: int =
         m.anchors[:] = new_t.clone().view_as(m.anchors)
         check_anchor_order(m)  # on pixel anchors, where area order must follow stride order
         m.anchors /= stride
-        print(f"{PREFIX}Done ✅ new anchors in use (copy them into the model yaml to reuse them)")
+        LOGGER.info(f"{PREFIX}Done ✅ new anchors in use (copy them into the model yaml to reuse them)")
     else:
-        print(f"{PREFIX}Done ⚠️ the evolved anchors were no better, keeping the original ones")
+        LOGGER.info(f"{PREFIX}Done ⚠️ the evolved anchors were no better, keeping the original ones")
 
 
 def _load_dataset(data: str | Path) -> Any:
@@ -131,7 +144,7 @@ def kmean_anchors(
         )
         s += ", ".join(f"{round(float(a[0]))},{round(float(a[1]))}" for a in k)
         if verbose:
-            print(s)
+            LOGGER.info(s)
         return k
 
     if isinstance(dataset, (str, Path)):
@@ -142,11 +155,11 @@ def kmean_anchors(
         raise ValueError(f"{PREFIX}the dataset has no labels to fit anchors to")
     i = (wh0 < 3.0).any(1).sum()
     if i:
-        print(f"{PREFIX}WARNING ⚠️ {i} of {len(wh0)} labels are under 3 pixels on a side at img_size={img_size}")
+        LOGGER.warning(f"{PREFIX}{i} of {len(wh0)} labels are under 3 pixels on a side at img_size={img_size}")
     wh = wh0[(wh0 >= 2.0).any(1)].astype(np.float32)  # boxes under 2 px on both sides carry no shape
 
     try:
-        print(f"{PREFIX}k-means for {n} anchors on {len(wh)} label sizes...")
+        LOGGER.info(f"{PREFIX}k-means for {n} anchors on {len(wh)} label sizes...")
         if n > len(wh):
             raise ValueError("fewer labels than anchors")
         s = wh.std(0)  # whiten so width and height weigh equally, then undo
@@ -154,7 +167,7 @@ def kmean_anchors(
         if len(k) != n:  # kmeans drops empty clusters
             raise ValueError("kmeans returned fewer clusters than requested")
     except Exception:
-        print(f"{PREFIX}WARNING ⚠️ kmeans failed, starting the evolution from random anchors")
+        LOGGER.warning(f"{PREFIX}kmeans failed, starting the evolution from random anchors")
         k = np.sort(npr.rand(n * 2)).reshape(n, 2) * img_size
     wh, wh0 = (torch.tensor(x, dtype=torch.float32) for x in (wh, wh0))
     k = print_results(k, verbose=False)

@@ -10,10 +10,7 @@ import math
 import torch
 import torch.nn as nn
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare model behind a DataParallel / DistributedDataParallel wrapper."""
-    return model.module if hasattr(model, "module") else model
+from utils.torch_utils import de_parallel
 
 
 def bbox_iou(
@@ -115,7 +112,7 @@ class ComputeLoss:
 
     def __init__(self, model: nn.Module, autobalance: bool = False):
         device = next(model.parameters()).device
-        h = _unwrap(model).hyp  # DDP does not forward plain attributes
+        h = de_parallel(model).hyp  # DDP does not forward plain attributes
         missing = [k for k in ("cls_pw", "obj_pw", "fl_gamma", "box", "obj", "cls", "anchor_t") if k not in h]
         if missing:
             raise KeyError(f"model.hyp lacks loss hyperparameter(s) {missing}; load a data/hyps/*.yaml file")
@@ -126,7 +123,7 @@ class ComputeLoss:
         if h["fl_gamma"] > 0:
             bce_cls, bce_obj = FocalLoss(bce_cls, h["fl_gamma"]), FocalLoss(bce_obj, h["fl_gamma"])
 
-        m = _unwrap(model).model[-1]  # Detect
+        m = de_parallel(model).model[-1]  # Detect
         # objectness weight per level, P3 (many small cells) to P5 (few large ones)
         self.balance = {3: [4.0, 1.0, 0.4]}.get(m.nl, [4.0, 1.0, 0.25, 0.06, 0.02])
         self.ssi = list(m.stride).index(16) if autobalance else 0  # stride-16 level is the reference

@@ -10,12 +10,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils.torch_utils import de_parallel
+
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSProp")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare model behind a DataParallel / DistributedDataParallel wrapper."""
-    return model.module if hasattr(model, "module") else model
 
 
 def _norm_layer_types() -> tuple[type, ...]:
@@ -136,7 +133,7 @@ class ModelEMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
-        self.ema = deepcopy(_unwrap(model)).eval()
+        self.ema = deepcopy(de_parallel(model)).eval()
         self.updates = updates
         self.max_decay = decay
         self.tau = tau
@@ -151,7 +148,7 @@ class ModelEMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = self.decay(self.updates)
-        msd = _unwrap(model).state_dict()
+        msd = de_parallel(model).state_dict()
         for k, v in self.ema.state_dict().items():
             if v.dtype.is_floating_point:  # integer buffers (BN num_batches_tracked) are not averaged
                 v *= d
