@@ -414,7 +414,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="batch size")
     parser.add_argument("--device", default="cpu", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
     parser.add_argument("--half", action="store_true", help="FP16 half-precision export")
-    parser.add_argument("--inplace", action="store_true", help="set YOLOv5 Detect() inplace=True")
+    parser.add_argument("--inplace", action="store_true", help="accepted for YOLOv5 compatibility (no effect: the exported Detect decodes out of place)")
     parser.add_argument("--dynamic", action="store_true", help="dynamic batch and image size")
     parser.add_argument("--simplify", action="store_true", help="simplify the ONNX model (onnxslim)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
