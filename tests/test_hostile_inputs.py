@@ -30,7 +30,7 @@ from classify import val as cls_val
 from tests.conftest import shared_path
 from tests.faults import onnx_with_metadata
 from utils.checkpoints import FORMAT, atomic_save, load_model, make_checkpoint
-from utils.datasets import LoadImagesAndLabels
+from utils.dataset import LoadImagesAndLabels
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

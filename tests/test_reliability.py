@@ -31,7 +31,7 @@ from classify import val as cls_val
 from tests import faults
 from tests.conftest import shared_path
 from utils.checkpoints import atomic_save, make_checkpoint
-from utils.datasets import LoadImagesAndLabels
+from utils.dataset import LoadImagesAndLabels
 from utils.errors import UserError
 from utils.loss import ComputeLoss
 from utils.sources import LoadImages
