@@ -22,13 +22,15 @@ if str(ROOT) not in sys.path:
 from models.backends import DetectMultiBackend  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh, yolo_label_lines  # noqa: E402
 from utils.checkpoints import checkpoint_val_settings  # noqa: E402
-from utils.coco import append_predictions, coco80_to_coco91_class, run_pycocotools, yolo_labels_to_coco_gt  # noqa: E402
+from utils.coco import (  # noqa: E402
+    COCOStyleEvaluator, append_predictions, coco80_to_coco91_class, run_pycocotools, yolo_labels_to_coco_gt,
+)
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.checks import check_thresholds, check_workers  # noqa: E402
 from utils.files import append_text, check_writable, increment_path  # noqa: E402
-from utils.metrics import COCOStyleEvaluator, ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
+from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.plots import plot_images  # noqa: E402
 from utils.torch_utils import check_img_size, select_device, time_sync  # noqa: E402

@@ -57,7 +57,7 @@ from utils.datasets import create_dataloader  # noqa: E402
 from utils.labels import collect_images  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path  # noqa: E402
-from utils.metrics import COCOStyleEvaluator  # noqa: E402
+from utils.coco import COCOStyleEvaluator  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.torch_utils import count_flops, forward_times_ms, select_device  # noqa: E402
 
