@@ -30,6 +30,7 @@ from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.checks import check_thresholds, check_workers  # noqa: E402
 from utils.files import append_text, check_writable, increment_path  # noqa: E402
+from utils.names import normalize_names  # noqa: E402
 from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.plots import plot_images  # noqa: E402
@@ -133,7 +134,7 @@ def run(
     if not training and not single_cls and len(names) != nc:
         raise UserError(f"{weights} has {len(names)} classes but the dataset has {nc}: pass matching --data or --single-cls")
     data_names = data.get("names") or names
-    names = {int(k): v for k, v in (data_names.items() if isinstance(data_names, dict) else enumerate(data_names))}
+    names = normalize_names(data_names)
     if single_cls:
         names = {0: "item"}
     iouv = torch.linspace(0.5, 0.95, 10, device=device)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from utils.errors import UserError
+from utils.names import normalize_names as _names_dict
 
 FORMAT = "yolov5-spd-checkpoint"
 FORMAT_VERSION = 1
@@ -102,12 +103,6 @@ def _own_format_problem(ckpt: dict, state) -> str:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         return "'model' must be a dict of tensors"
     return ""
-
-
-def _names_dict(names) -> dict[int, str]:
-    if isinstance(names, dict):
-        return {int(k): str(v) for k, v in names.items()}
-    return {i: str(n) for i, n in enumerate(names)}
 
 
 def read_checkpoint(path: str | Path) -> dict:

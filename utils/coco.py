@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.logging import LOGGER
+from utils.names import normalize_names
 
 # COCO's 91-id category space has 11 ids without annotations in detection (12, 26, 29, 30, 45, 66, 68, 69, 71,
 # 83 are unused; 91 is never reached); the 80 detection classes are the remaining ids 1..90 in order.
@@ -91,7 +93,7 @@ def yolo_labels_to_coco_gt(
             f"yolo_labels_to_coco_gt: {len(im_files)} images, {len(labels_xyxy_pixels_per_image)} label arrays "
             f"and {len(shapes_hw_per_image)} shapes must have the same length"
         )
-    names = dict(names) if isinstance(names, Mapping) else dict(enumerate(names))
+    names = normalize_names(names)
     cat = (lambda c: int(class_map[c])) if class_map is not None else (lambda c: int(c))
     images, annotations, seen = [], [], {}
     for f, labels, (h, w) in zip(im_files, labels_xyxy_pixels_per_image, shapes_hw_per_image):
@@ -182,7 +184,7 @@ def run_pycocotools(gt_json_path: str | Path, pred_json_path: str | Path, verbos
         ev.evaluate()
         ev.accumulate()
     if not preds and verbose:
-        print(f"WARNING: no predictions in {pred_json_path}; every AP is 0 (or -1 without ground truth)")
+        LOGGER.warning(f"no predictions in {pred_json_path}; every AP is 0 (or -1 without ground truth)")
     with contextlib.redirect_stdout(io.StringIO()):  # its own print rounds to 3 decimals: 7.8e-05 would read 0.000
         ev.summarize()
     if verbose:

@@ -12,11 +12,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-def _names_dict(names: Mapping[int, str] | Sequence[str] | None) -> dict[int, str]:
-    if names is None:
-        return {}
-    return dict(names) if isinstance(names, Mapping) else dict(enumerate(names))
-
+from utils.curves import smooth
+from utils.names import normalize_names
 
 def _greedy_unique_matches(matches: np.ndarray, resort_before_labels: bool) -> np.ndarray:
     """Reduce [label, detection, iou] candidate rows to one-to-one pairs the way YOLOv5 does.
@@ -61,14 +58,6 @@ def compute_ap(recall: np.ndarray, precision: np.ndarray) -> tuple[float, np.nda
     x = np.linspace(0, 1, 101)
     ap = float(np.trapezoid(np.interp(x, mrec, mpre), x))
     return ap, mpre, mrec
-
-
-def smooth(y: np.ndarray, f: float = 0.05) -> np.ndarray:
-    """Box-filter y with a window of fraction f of its length, padding the ends with edge values."""
-    nf = round(len(y) * f * 2) // 2 + 1  # odd window so the output stays aligned with the input
-    pad = np.ones(nf // 2)
-    yp = np.concatenate((pad * y[0], y, pad * y[-1]))
-    return np.convolve(yp, np.ones(nf) / nf, mode="valid")
 
 
 def ap_per_class(
@@ -118,7 +107,7 @@ def ap_per_class(
     if plot:
         from utils.plots import plot_mc_curve, plot_pr_curve  # lazy: matplotlib only when plotting
 
-        all_names = _names_dict(names)
+        all_names = normalize_names(names)
         present = {k: v for k, v in all_names.items() if k in unique_classes}
         curve_names = dict(enumerate(present.values()))
         save_dir = Path(save_dir)
@@ -204,7 +193,7 @@ class ConfusionMatrix:
         """Save confusion_matrix.png (columns normalised to sum 1 when normalize) and return its path."""
         from utils.plots import plot_confusion_matrix
 
-        return plot_confusion_matrix(self.matrix, Path(save_dir), _names_dict(names), normalize)
+        return plot_confusion_matrix(self.matrix, Path(save_dir), normalize_names(names), normalize)
 
     def print(self) -> None:
         for row in self.matrix:
