@@ -84,6 +84,19 @@ def test_names_list_and_map_and_nc(tmp_path):
     assert again["names"] == {0: "cat", 1: "dog"}
 
 
+def test_normalize_names_one_form_for_every_source():
+    from utils.names import normalize_names
+
+    assert normalize_names(["cat", "dog"]) == {0: "cat", 1: "dog"}
+    assert normalize_names(("cat",)) == {0: "cat"}
+    assert list(normalize_names({"1": "dog", 0: "cat"}).items()) == [(0, "cat"), (1, "dog")]  # json keys, sorted
+    assert normalize_names(None) == {}
+    with pytest.raises(ValueError, match="'person'"):
+        normalize_names({"person": 0})
+    with pytest.raises(TypeError, match="string"):
+        normalize_names("person")  # would otherwise become {0: 'p', 1: 'e', ...}
+
+
 def test_unknown_key_is_one_clear_error(tmp_path):
     d = _mini(tmp_path)
     d["nmaes"] = d.pop("names")

@@ -297,3 +297,19 @@ def test_plot_results_and_labels(tmp_path, saved_figures):
     plot_labels(np.zeros((0, 5)), save_dir=tmp_path / "empty")
     texts = [t.get_text() for ax in saved_figures["labels.jpg"].axes for t in ax.texts]
     assert texts == ["no labels"] * 4
+
+
+def test_metrics_and_plots_do_not_import_each_other():
+    """plots draws metrics' curves, metrics calls plots when asked to plot: one direction only, no cycle."""
+    import ast
+
+    import utils.metrics
+    import utils.plots
+
+    def imported(mod) -> set[str]:
+        tree = ast.parse(Path(mod.__file__).read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    assert "utils.plots" in imported(utils.metrics)  # lazily, for plot=True
+    assert "utils.metrics" not in imported(utils.plots)

@@ -273,18 +273,12 @@ class LoadImagesAndLabels(Dataset):
             np.clip(x, 0, 2 * s, out=x)  # boxes of the parts cut off by the canvas edge shrink to fit
         hyp = self.hyp
         img4, labels4, segments4 = copy_paste(img4, labels4, segments4, p=hyp.get("copy_paste", 0.0))
-        img4, labels4 = random_perspective(
-            img4,
-            labels4,
-            segments4,
-            degrees=hyp.get("degrees", 0.0),
-            translate=hyp.get("translate", 0.0),
-            scale=hyp.get("scale", 0.0),
-            shear=hyp.get("shear", 0.0),
-            perspective=hyp.get("perspective", 0.0),
-            border=self.mosaic_border,
-        )
+        img4, labels4 = random_perspective(img4, labels4, segments4, border=self.mosaic_border, **self._geometry())
         return img4, labels4
+
+    def _geometry(self) -> dict[str, float]:
+        """random_perspective's settings from the hyperparameters (0: that change is off)."""
+        return {k: self.hyp.get(k, 0.0) for k in ("degrees", "translate", "scale", "shear", "perspective")}
 
     # ----- items ------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -319,15 +313,7 @@ class LoadImagesAndLabels(Dataset):
             if labels.size:
                 labels[:, 1:] = xywhn2xyxy(labels[:, 1:], ratio[0] * w, ratio[1] * h, padw=pad[0], padh=pad[1])
             if self.augment:
-                img, labels = random_perspective(
-                    img,
-                    labels,
-                    degrees=hyp.get("degrees", 0.0),
-                    translate=hyp.get("translate", 0.0),
-                    scale=hyp.get("scale", 0.0),
-                    shear=hyp.get("shear", 0.0),
-                    perspective=hyp.get("perspective", 0.0),
-                )
+                img, labels = random_perspective(img, labels, **self._geometry())
 
         nl = len(labels)
         if nl:
