@@ -27,7 +27,6 @@ _ORIENTATION = next(k for k, v in ExifTags.TAGS.items() if v == "Orientation")
 _warned_unwritable: set[str] = set()
 
 
-
 class LabelCheck(NamedTuple):
     """Result of checking one image/label pair. labels is None when the image is unusable."""
 
