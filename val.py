@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
@@ -24,6 +23,7 @@ from models.backends import DetectMultiBackend  # noqa: E402
 from models.predictor import Predictor  # noqa: E402
 from models.checkpoints import checkpoint_val_settings  # noqa: E402
 from utils.coco import coco80_to_coco91_class, run_pycocotools, yolo_labels_to_coco_gt  # noqa: E402
+from utils.names import normalize_names  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
@@ -67,8 +67,7 @@ def val_names(data: dict, model_names: dict, single_cls: bool) -> dict:
     """Class names to report: the dataset's (else the model's); one 'item' class with --single-cls."""
     if single_cls:
         return {0: "item"}
-    names = data.get("names") or model_names
-    return {int(k): v for k, v in (names.items() if isinstance(names, dict) else enumerate(names))}
+    return normalize_names(data.get("names") or model_names)
 
 
 def pycocotools_check(result: ValResult, rec: EvalRecord, data: dict, names: dict, weights, save_dir: Path,

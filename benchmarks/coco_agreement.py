@@ -1,8 +1,9 @@
-"""How closely the native COCO-style evaluator agrees with pycocotools on a real `val.py --save-json` run.
+"""How closely val.py's in-memory COCO numbers agree with pycocotools on the json of a real `val.py --save-json` run.
 
-val.py scores its in-memory (unrounded) predictions with `utils.metrics.COCOStyleEvaluator` and, with
---save-json, the json it wrote (boxes rounded to 3 decimals, scores to 5) with pycocotools. This
-script runs exactly that and records both sets of 12 numbers and their differences.
+val.py scores its in-memory (unrounded) predictions with `utils.coco.COCOStyleEvaluator` (COCOeval of
+faster-coco-eval when installed, else of pycocotools) and, with --save-json, the json it wrote (boxes rounded
+to 3 decimals, scores to 5) with pycocotools. This script runs exactly that and records both sets of 12
+numbers and their differences.
 
 Usage:
     python benchmarks/coco_agreement.py --weights ../shared/weights/yolov5n.pt --imgsz 640 --out benchmarks
@@ -25,7 +26,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import val  # noqa: E402
-from utils.metrics import COCOStyleEvaluator  # noqa: E402
+from utils.coco import COCOStyleEvaluator, cocoeval_classes  # noqa: E402
 
 
 class _RecordingEvaluator(COCOStyleEvaluator):
@@ -68,7 +69,7 @@ def main() -> None:
     argv = sys.argv[1:]
     opt = p.parse_args(argv)
     native, ref = measure(opt.weights, opt.data, opt.imgsz, opt.batch_size)
-    rows = ["| stat | native | pycocotools | abs. difference |", "|---|---:|---:|---:|"]
+    rows = ["| stat | in memory | pycocotools on the json | abs. difference |", "|---|---:|---:|---:|"]
     diffs = []
     for i, k in enumerate(COCOStyleEvaluator.STAT_KEYS):
         d = abs(native[k] - ref[i])
@@ -83,8 +84,13 @@ def main() -> None:
         machine += f", pycocotools {getattr(pycocotools, '__version__', 'installed')}"
     except ImportError:
         pass
+    backend = cocoeval_classes()[2]
+    if backend != "pycocotools":
+        import faster_coco_eval
+
+        machine += f", in memory: {backend} {faster_coco_eval.__version__}"
     cmd = shlex.join(["python", "benchmarks/coco_agreement.py", *argv])
-    md = ("# Native COCO-style evaluator vs pycocotools on a real val.py --save-json run\n\n"
+    md = ("# val.py's in-memory COCO evaluation vs pycocotools on its --save-json output\n\n"
           + "\n".join(rows)
           + f"\n\nLargest difference: {ap_max:.1e} over the six AP numbers, {ar_max:.1e} over the six AR numbers.\n\n"
           f"Weights `{Path(opt.weights).name}`, data `{Path(opt.data).name}`, --imgsz {opt.imgsz}, CPU, fp32. "

@@ -54,10 +54,11 @@ from models.checkpoints import load_model, safe_load  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy  # noqa: E402
 from utils.checkpoints import resolve_weights  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
-from utils.datasets import collect_images, create_dataloader  # noqa: E402
+from utils.datasets import create_dataloader  # noqa: E402
+from utils.labels import collect_images  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path  # noqa: E402
-from utils.metrics import COCOStyleEvaluator  # noqa: E402
+from utils.coco import COCOStyleEvaluator  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.torch_utils import count_flops, forward_times_ms, select_device  # noqa: E402
 
@@ -285,7 +286,7 @@ def area_aps(weights: Path, data: dict, imgsz: int, batch_size: int, device: tor
 
 def object_sizes(data: dict, imgszs: list[int]) -> dict:
     """How many val objects fall in each COCO bucket by original area, and by network-input area per size."""
-    from utils.datasets import LoadImagesAndLabels
+    from utils.dataset import LoadImagesAndLabels
 
     ds = LoadImagesAndLabels(data["val"], max(imgszs), prefix="val (sizes): ", nc=int(data["nc"]))
     areas, longest = [], []

@@ -15,10 +15,10 @@ from tqdm import tqdm
 
 from models.predictor import Predictor
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh, yolo_label_lines
-from utils.coco import append_predictions
+from utils.coco import COCOStyleEvaluator, append_predictions
 from utils.files import append_text
 from utils.logging import LOGGER
-from utils.metrics import COCOStyleEvaluator, ConfusionMatrix, ap_per_class, match_predictions
+from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions
 from utils.plots import plot_images
 from utils.results import ValResult
 

@@ -29,6 +29,7 @@ from models.checkpoints import load_model
 from utils.checkpoints import resolve_weights
 from utils.errors import UserError
 from utils.logging import LOGGER
+from utils.names import normalize_names
 
 SUFFIXES = (".pt", ".torchscript", ".onnx", "_openvino_model/ or .xml")
 # torch.jit.load runs the archive's own scripted code (e.g. a __setstate__), which can read and write
@@ -50,23 +51,13 @@ def parse_names(names) -> dict[int, str] | None:
                 names = ast.literal_eval(names)
             except (ValueError, SyntaxError):
                 return None
-    if isinstance(names, dict):
+    if isinstance(names, (dict, list, tuple)):
         try:
-            return {int(k): str(v) for k, v in names.items()}
-        except (TypeError, ValueError):
-            bad = next(k for k in names if not _is_int(k))
-            raise UserError(f"class names in the weights' metadata must be keyed by integers, got key {str(bad)[:40]!r}") from None
-    if isinstance(names, (list, tuple)):
-        return {i: str(v) for i, v in enumerate(names)}
+            return normalize_names(names)
+        except ValueError as e:
+            raise UserError(f"in the weights' metadata: {e}") from None
     return None
 
-
-def _is_int(k) -> bool:
-    try:
-        int(k)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def _meta_int(meta: dict, key: str, default: int, lo: int, hi: int) -> int:

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from models.blocks import allow_listed_blocks
 from models.yolo import DetectionModel
-from utils.checkpoints import FORMAT, load_weights_only, names_dict, resolve_weights
+from utils.checkpoints import FORMAT, load_weights_only, resolve_weights
+from utils.names import normalize_names
 from utils.errors import UserError
 
 
@@ -59,7 +60,7 @@ def read_checkpoint(path: str | Path) -> dict:
         if problem:
             raise UserError(f"{path} is a damaged {FORMAT} file: {problem}")
         try:
-            names = names_dict(ckpt["names"])
+            names = normalize_names(ckpt["names"])
         except (TypeError, ValueError, AttributeError):
             raise UserError(f"{path} is a damaged {FORMAT} file: 'names' must map class ids (integers) to names") from None
         return {"cfg": ckpt["cfg"], "names": names, "stride": ckpt.get("stride"),
@@ -68,7 +69,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(model, nn.Module) or not hasattr(model, "yaml"):
         raise UserError(f"{path} is neither a YOLOv5 checkpoint nor one of this project's")
     names = getattr(model, "names", None) or [str(i) for i in range(model.yaml["nc"])]
-    return {"cfg": dict(model.yaml), "names": names_dict(names), "stride": [float(s) for s in model.stride],
+    return {"cfg": dict(model.yaml), "names": normalize_names(names), "stride": [float(s) for s in model.stride],
             "state_dict": {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}, "ckpt": ckpt, "official": True}
 
 

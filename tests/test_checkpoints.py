@@ -53,6 +53,7 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_hostile_pickle_refused_by_cli_without_traceback(tmp_path, images_dir):
     marker = tmp_path / "pwned"
     bad = tmp_path / "evil.pt"

@@ -383,6 +383,7 @@ def test_pretrained_from_torchvision_file(tmp_path):
     torch.testing.assert_close(model.layer2[0].cv1.conv.weight, spd_weight_from_strided(tv.layer2[0].conv1.weight))
 
 
+@pytest.mark.slow
 def test_tampered_checkpoint_is_refused(trained, tmp_path):
     _, data, _ = trained
     marker = tmp_path / "PWNED"
@@ -406,6 +407,7 @@ def test_tampered_checkpoint_is_refused(trained, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=1, broken=False)
     r = subprocess.run([sys.executable, "classify/train.py", "--model", "resnet18-spd", "--imgsz", "36",

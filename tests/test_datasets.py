@@ -11,12 +11,9 @@ import torch
 import yaml
 
 from utils.data_config import ROOT, check_dataset, find_yaml
-from utils.datasets import (
-    LoadImagesAndLabels,
-    create_dataloader,
-    img2label_paths,
-    verify_image_label,
-)
+from utils.dataset import LoadImagesAndLabels
+from utils.datasets import create_dataloader
+from utils.labels import img2label_paths, verify_image_label
 from utils.errors import UserError
 from utils.smallobjects import generate
 
@@ -85,6 +82,19 @@ def test_names_list_and_map_and_nc(tmp_path):
         check_dataset(_mini(tmp_path, names={0: "a", 2: "b"}))
     again = check_dataset(check_dataset(_mini(tmp_path)))  # idempotent
     assert again["names"] == {0: "cat", 1: "dog"}
+
+
+def test_normalize_names_one_form_for_every_source():
+    from utils.names import normalize_names
+
+    assert normalize_names(["cat", "dog"]) == {0: "cat", 1: "dog"}
+    assert normalize_names(("cat",)) == {0: "cat"}
+    assert list(normalize_names({"1": "dog", 0: "cat"}).items()) == [(0, "cat"), (1, "dog")]  # json keys, sorted
+    assert normalize_names(None) == {}
+    with pytest.raises(ValueError, match="'person'"):
+        normalize_names({"person": 0})
+    with pytest.raises(TypeError, match="string"):
+        normalize_names("person")  # would otherwise become {0: 'p', 1: 'e', ...}
 
 
 def test_unknown_key_is_one_clear_error(tmp_path):
@@ -205,7 +215,7 @@ def test_planted_faults_scan_to_the_end(tmp_path, capsys):
     # a different nc changes which rows are dropped, so the cache must not be reused
     ds3 = LoadImagesAndLabels(tr_img, img_size=64, batch_size=4, nc=None, prefix="val: ")
     out3 = capsys.readouterr().out
-    assert "(cached)" not in out3 and "val: WARNING" in out3
+    assert "(cached)" not in out3 and "WARNING: val: " in out3
     assert len({Path(f).stem: lb for f, lb in zip(ds3.im_files, ds3.labels)}["class999"]) == 2
 
 
@@ -346,13 +356,44 @@ def test_mosaic_labels_follow_the_pixels(tmp_path):
                     assert k in seen, (trial, k, (x, y, w, h))
 
 
-def test_close_mosaic_reaches_persistent_workers(tmp_path):
-    hyp = dict(HYP_LOW, mosaic=1.0)
-    loader, ds = create_dataloader(_coloured_dataset(tmp_path), 64, 2, 32, hyp=hyp, augment=True, workers=2, shuffle=True)
-    assert loader.num_workers == min(os.cpu_count(), 2) and loader.persistent_workers
-    assert all(s is None for _, _, _, shp in loader for s in shp)
-    ds.close_mosaic()
-    assert all(s is not None for _, _, _, shp in loader for s in shp)
+def _epoch_dataset(root):
+    """8 noise images with two boxes each: enough that two shuffles of one seed practically never coincide."""
+    items = [(f"e{i}", noise_image(48, 64, seed=i), f"{i % 3} 0.3 0.4 0.2 0.3\n{(i + 1) % 3} 0.7 0.6 0.3 0.2\n")
+             for i in range(8)]
+    return write_dataset(root, items)
+
+
+def _samples(loader, epoch=None):
+    """{path: (image, labels)} and the order of the paths, for one epoch of loader."""
+    if epoch is not None:
+        loader.set_epoch(epoch)
+    out, order = {}, []
+    for im, lb, paths, _ in loader:
+        for k, f in enumerate(paths):
+            out[f] = (im[k].clone(), lb[lb[:, 0] == k, 1:].clone())
+            order.append(f)
+    return out, order
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epoch_batches_depend_only_on_seed_and_epoch(tmp_path, workers):
+    """A resumed run (a fresh loader told its epoch) sees the batches of an uninterrupted one, also when the
+    uninterrupted one kept its persistent workers: the epoch reaches them through shared memory."""
+    img_dir = _epoch_dataset(tmp_path)
+    hyp = dict(HYP_LOW, mosaic=1.0, mixup=0.5, degrees=5.0)
+    make = lambda: create_dataloader(img_dir, 64, 2, 32, hyp=hyp, augment=True, workers=workers, shuffle=True, seed=3)[0]
+    long = make()
+    assert long.num_workers == min(os.cpu_count(), workers) and long.persistent_workers == (long.num_workers > 0)
+    runs = [_samples(long, e) for e in range(3)]
+    fresh = _samples(make(), 2)
+    assert fresh[1] == runs[2][1]  # same order
+    for f, (im, lb) in fresh[0].items():
+        assert torch.equal(im, runs[2][0][f][0]) and torch.equal(lb, runs[2][0][f][1]), f
+    assert len({tuple(o) for _, o in runs}) == 3  # every epoch its own order
+    # and its own augmentation of each image (mosaic partners, crop, colours)
+    assert all(not torch.equal(runs[1][0][f][0], runs[2][0][f][0]) for f in fresh[0])
+    again = _samples(long)  # without set_epoch: the epoch after the last one
+    assert again[1] == _samples(make(), 3)[1]
 
 
 def test_seeded_loader_is_deterministic(tmp_path):

@@ -34,7 +34,7 @@ from tests import faults
 from tests.conftest import shared_path
 from tests.faults import onnx_with_metadata
 from utils.checkpoints import atomic_save, make_checkpoint
-from utils.datasets import verify_image_label
+from utils.labels import verify_image_label
 from utils.errors import UserError
 from utils.files import safe_name
 from utils.sources import check_jpeg, read_image

@@ -31,7 +31,7 @@ from models.checkpoints import load_model
 from tests.conftest import shared_path
 from tests.faults import onnx_with_metadata
 from utils.checkpoints import FORMAT, atomic_save, make_checkpoint
-from utils.datasets import LoadImagesAndLabels
+from utils.dataset import LoadImagesAndLabels
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

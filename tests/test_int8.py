@@ -72,6 +72,7 @@ def int8_export(tmp_path_factory):
     return w, data, {k: v for k, v in files.items() if k in include and v.exists()}
 
 
+@pytest.mark.slow
 def test_int8_onnx_is_quantised_except_the_detect_layer(int8_export):
     import onnx
 
@@ -98,6 +99,7 @@ def test_int8_onnx_is_quantised_except_the_detect_layer(int8_export):
     assert meta["int8"] == "true" and '"calib_images": 3' in meta["quantization"]
 
 
+@pytest.mark.slow
 def test_int8_exports_load_and_detect_through_every_tool(int8_export, tmp_path):
     import detect
     import val
@@ -121,6 +123,7 @@ def test_int8_exports_load_and_detect_through_every_tool(int8_export, tmp_path):
         assert r.names[3] == "class3" and r.pred[0].shape[1] == 6, fmt
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _installed("openvino", "nncf"), reason="openvino and nncf not installed (optional)")
 def test_int8_openvino_is_quantised(int8_export):
     import openvino as ov

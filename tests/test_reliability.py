@@ -31,7 +31,7 @@ from classify import val as cls_val
 from tests import faults
 from tests.conftest import shared_path
 from utils.checkpoints import atomic_save, make_checkpoint
-from utils.datasets import LoadImagesAndLabels
+from utils.dataset import LoadImagesAndLabels
 from utils.errors import UserError
 from utils.loss import ComputeLoss
 from utils.sources import LoadImages
@@ -107,6 +107,7 @@ class TrainProcess:
         return self.proc.wait(timeout=300)
 
 
+@pytest.mark.slow
 def test_kill_at_random_points_and_ctrl_c_then_resume_finishes_the_plan(coco8, tmp_path):
     """SIGKILL during an epoch, during validation and during a checkpoint write, then Ctrl-C: each
     time last.pt loads, and resuming ends with exactly the planned epochs in results.csv."""
@@ -180,6 +181,7 @@ def test_kill_at_random_points_and_ctrl_c_then_resume_finishes_the_plan(coco8, t
     assert check_last() == epochs - 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_checkpoint_write_waits_for_it_then_stops_cleanly(coco8, tmp_path):
     """A Ctrl-C that lands inside torch.save must neither tear the file nor turn into a crash: the write
     finishes, the run stops with 130 and the resume message, and --resume continues after that epoch."""
@@ -228,6 +230,7 @@ def scan_line(out: str, split: str) -> str:
                 if "Scanning" in ln and (f"/images/{split}" in ln or f"/labels/{split}.cache" in ln))
 
 
+@pytest.mark.slow
 def test_train_on_planted_faults_reports_each_once_and_finishes(faulty, tmp_path, capsys):
     data, planted = faulty
     train.main(["--data", str(data), "--cfg", "yolov5n.yaml", "--epochs", "2", "--batch", "4", "--noval",
@@ -377,6 +380,7 @@ def test_bad_arguments_give_one_clear_line_each(tmp_path, coco8, yolov5n_weights
         assert expect in line, (main.__module__, argv, line)
 
 
+@pytest.mark.slow
 def test_bad_arguments_from_the_shell_print_only_the_error(tmp_path, yolov5n_weights):
     """The scripts themselves, as users run them: exit status 2 and a one-line stderr, no usage dump."""
     commands = [
@@ -496,6 +500,7 @@ def same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_nan_loss_and_nan_gradient_steps_are_skipped(coco8, tmp_path, monkeypatch, capsys):
     # one optimizer step per epoch (batch 4 of 4 images): epoch 1 has a NaN loss, epoch 2 a NaN
     # gradient, so after epoch 0 nothing may change
@@ -517,6 +522,7 @@ def test_nan_loss_and_nan_gradient_steps_are_skipped(coco8, tmp_path, monkeypatc
         assert same_tensors(final[key], halved), f"skipped steps changed the {key} weights"
 
 
+@pytest.mark.slow
 def test_ten_nan_steps_in_a_row_stop_the_run_keeping_the_last_good_weights(coco8, tmp_path, monkeypatch, capsys):
     # 4 steps per epoch; every step from epoch 1 on is NaN, so the 10th bad step comes in epoch 3
     poison_training_steps(monkeypatch, nan_loss=set(range(4, 100)))
@@ -532,6 +538,7 @@ def test_ten_nan_steps_in_a_row_stop_the_run_keeping_the_last_good_weights(coco8
 
 
 # ----- long runs ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resident_memory_does_not_grow_across_epochs(coco8, tmp_path, monkeypatch):
     from utils.logging import ResultsLogger
 

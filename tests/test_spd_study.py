@@ -134,6 +134,7 @@ def test_one_failing_run_does_not_stop_the_study(tmp_path, monkeypatch, yolov5n_
     assert not (study_dir / "yolov5n-spd-transferred-64-s0" / "study_row.json").exists()  # failed runs are retried
 
 
+@pytest.mark.slow
 def test_study_end_to_end_tiny_and_rerun_reuses(tmp_path, yolov5n_weights):
     """The real path (train.py processes, val.py, area buckets, cost, latency) on 5 DeepPCB images at 64 px.
 

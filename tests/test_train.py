@@ -18,6 +18,8 @@ import train
 import val
 from tests.conftest import shared_path
 
+pytestmark = pytest.mark.slow  # every test here trains (in-process or in subprocesses)
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--img", "128", "--batch", "4", "--workers", "0", "--noautoanchor", "--device", "cpu"]
 

@@ -5,6 +5,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils.logging import LOGGER
+
 CPU_BATCH = 16  # YOLOv5's fallback where there is no GPU memory to measure
 PROBE_SIZES = (1, 2, 4, 8, 16)
 
@@ -34,7 +36,7 @@ def autobatch(model: nn.Module, imgsz: int, amp: bool = True, fraction: float = 
     """Probe a few batch sizes and pick the one that uses `fraction` of the device's free memory."""
     device = next(model.parameters()).device
     if device.type != "cuda":
-        print(f"AutoBatch: no CUDA device, using --batch-size {CPU_BATCH} on {device.type.upper()}")
+        LOGGER.info(f"AutoBatch: no CUDA device, using --batch-size {CPU_BATCH} on {device.type.upper()}")
         return CPU_BATCH
     free, _total = torch.cuda.mem_get_info(device)
     sizes, mems = [], []
@@ -49,10 +51,10 @@ def autobatch(model: nn.Module, imgsz: int, amp: bool = True, fraction: float = 
     finally:
         model.train(was_training)
     if len(sizes) < 2:
-        print(f"AutoBatch: could not probe the memory use at --img {imgsz}; using --batch-size {CPU_BATCH}")
+        LOGGER.info(f"AutoBatch: could not probe the memory use at --img {imgsz}; using --batch-size {CPU_BATCH}")
         return CPU_BATCH
     base = torch.cuda.memory_allocated(device)
     batch = fit_batch(sizes, mems, budget_bytes=base + fraction * free)
-    print(f"AutoBatch: --batch-size {batch} for --img {imgsz} fills about {fraction:.0%} of "
+    LOGGER.info(f"AutoBatch: --batch-size {batch} for --img {imgsz} fills about {fraction:.0%} of "
           f"{free / 2**30:.1f} GiB free CUDA memory")
     return batch

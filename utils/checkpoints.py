@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from utils.errors import UserError
 from utils.logging import LOGGER
+from utils.names import normalize_names
 
 FORMAT = "yolov5-spd-checkpoint"
 FORMAT_VERSION = 1
@@ -72,11 +73,6 @@ def not_a_checkpoint_reason(path: str | Path, e: BaseException | None = None) ->
     return f"{type(e).__name__}: {msg}" if e is not None and msg else (type(e).__name__ if e is not None else "not a torch.save file")
 
 
-def names_dict(names) -> dict[int, str]:
-    """Class names as {id: name} from a dict or a list."""
-    if isinstance(names, dict):
-        return {int(k): str(v) for k, v in names.items()}
-    return {i: str(n) for i, n in enumerate(names)}
 
 
 def resolve_weights(weights: str | Path) -> Path:
@@ -156,7 +152,7 @@ def make_checkpoint(model: nn.Module, ema_model: nn.Module | None = None, half: 
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "cfg": dict(model.yaml),
-        "names": names_dict(model.names),
+        "names": normalize_names(model.names),
         "stride": [float(s) for s in model.stride],
         "model": tensors(model),
         "ema": tensors(ema_model) if ema_model is not None else None,

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.logging import LOGGER
+from utils.names import normalize_names
 
 # COCO's 91-id category space has 11 ids without annotations in detection (12, 26, 29, 30, 45, 66, 68, 69, 71,
 # 83 are unused; 91 is never reached); the 80 detection classes are the remaining ids 1..90 in order.
@@ -91,7 +93,7 @@ def yolo_labels_to_coco_gt(
             f"yolo_labels_to_coco_gt: {len(im_files)} images, {len(labels_xyxy_pixels_per_image)} label arrays "
             f"and {len(shapes_hw_per_image)} shapes must have the same length"
         )
-    names = dict(names) if isinstance(names, Mapping) else dict(enumerate(names))
+    names = normalize_names(names)
     cat = (lambda c: int(class_map[c])) if class_map is not None else (lambda c: int(c))
     images, annotations, seen = [], [], {}
     for f, labels, (h, w) in zip(im_files, labels_xyxy_pixels_per_image, shapes_hw_per_image):
@@ -182,10 +184,128 @@ def run_pycocotools(gt_json_path: str | Path, pred_json_path: str | Path, verbos
         ev.evaluate()
         ev.accumulate()
     if not preds and verbose:
-        print(f"WARNING: no predictions in {pred_json_path}; every AP is 0 (or -1 without ground truth)")
+        LOGGER.warning(f"no predictions in {pred_json_path}; every AP is 0 (or -1 without ground truth)")
     with contextlib.redirect_stdout(io.StringIO()):  # its own print rounds to 3 decimals: 7.8e-05 would read 0.000
         ev.summarize()
     if verbose:
         for label, value in zip(COCO_STAT_LABELS, ev.stats):
             print(f" {label} = {value:.4g}" if value >= 0 else f" {label} = n/a")
     return [float(s) for s in ev.stats]
+
+
+def cocoeval_classes(backend: str = "auto") -> tuple[type, type, str]:
+    """(COCO, COCOeval, backend name): faster-coco-eval's drop-in classes when installed (and backend is 'auto'
+    or 'faster_coco_eval'), else pycocotools'. Both give the same numbers (tests/test_coco.py checks it)."""
+    if backend in ("auto", "faster_coco_eval"):
+        try:
+            from faster_coco_eval import COCO, COCOeval_faster
+
+            return COCO, COCOeval_faster, "faster_coco_eval"
+        except ImportError:
+            if backend != "auto":
+                raise
+    if backend not in ("auto", "pycocotools"):
+        raise ValueError(f"COCO evaluation backend must be auto, pycocotools or faster_coco_eval, got {backend!r}")
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    return COCO, COCOeval, "pycocotools"
+
+
+def _as_rows(x, width: int) -> np.ndarray:
+    return _as_numpy(np.zeros((0, width)) if x is None else x).reshape(-1, width)
+
+
+class COCOStyleEvaluator:
+    """COCO bbox AP/AR (AP, AP50, AP75, APs/m/l, AR1/10/100, ARs/m/l) by COCOeval, in memory, no json.
+
+    Feed one image at a time with update(); boxes are xyxy in original-image pixels, a box's area is w*h and every
+    ground truth is non-crowd (YOLO labels carry no crowd flag). `area_ranges` adds named ranges {name: (lo, hi)}
+    in pixels^2, reported as AP_<name>.
+    """
+
+    STAT_KEYS = STAT_NAMES
+
+    def __init__(self, area_ranges: Mapping[str, tuple[float, float]] | None = None, backend: str = "auto"):
+        self.area_ranges = dict(area_ranges or {})
+        self.backend = backend
+        self._images: dict[object, tuple[np.ndarray, ...]] = {}
+
+    def __len__(self) -> int:
+        """Number of images recorded so far (handy as a running image id)."""
+        return len(self._images)
+
+    def update(self, image_id: int | str, pred_xyxy, pred_scores, pred_classes, gt_xyxy, gt_classes) -> None:
+        """Record one image's predictions and ground truths (xyxy, original pixels; None: none). Each image_id once."""
+        if image_id in self._images:
+            raise ValueError(f"COCOStyleEvaluator: image_id {image_id!r} was given twice")
+        pb, gb = _as_rows(pred_xyxy, 4), _as_rows(gt_xyxy, 4)
+        ps, pc, gc = (_as_rows(x, 1)[:, 0] for x in (pred_scores, pred_classes, gt_classes))
+        if not (len(pb) == len(ps) == len(pc)) or len(gb) != len(gc):
+            raise ValueError(
+                f"COCOStyleEvaluator: image {image_id!r} has {len(pb)} boxes/{len(ps)} scores/{len(pc)} classes "
+                f"for predictions and {len(gb)} boxes/{len(gc)} classes for ground truth"
+            )
+        self._images[image_id] = (pb, ps, pc.astype(np.int64), gb, gc.astype(np.int64))
+
+    def _datasets(self) -> tuple[dict, np.ndarray]:
+        """COCO ground-truth dict and the (N, 7) [image, x, y, w, h, score, class] result rows loadRes takes.
+
+        Images get ids 1.. in sorted id order (insertion order for unsortable mixes of int and str), the order
+        COCOeval walks them in, which decides how equal scores are ranked."""
+        ids = list(self._images)
+        try:
+            ids = sorted(ids)
+        except TypeError:
+            pass
+        images, anns, dets, classes = [], [], [], set()
+        for k, key in enumerate(ids, 1):
+            pb, ps, pc, gb, gc = self._images[key]
+            images.append({"id": k})
+            classes.update(pc.tolist(), gc.tolist())
+            wh = gb[:, 2:] - gb[:, :2]
+            for (x1, y1), (w, h), c in zip(gb[:, :2].tolist(), wh.tolist(), gc.tolist()):
+                # ids from 1: COCOeval reads a match with id 0 as no match
+                anns.append({"id": len(anns) + 1, "image_id": k, "category_id": c, "bbox": [x1, y1, w, h],
+                             "area": w * h, "iscrowd": 0})
+            dets.append(np.column_stack((np.full(len(pb), k), pb[:, :2], pb[:, 2:] - pb[:, :2], ps, pc)))
+        gt = {"images": images, "annotations": anns, "categories": [{"id": c} for c in sorted(classes)]}
+        return gt, np.concatenate(dets) if dets else np.zeros((0, 7))
+
+    def evaluate(self):
+        """The evaluated and accumulated COCOeval object (its .eval and .stats are filled)."""
+        COCO, COCOeval, _ = cocoeval_classes(self.backend)
+        gt, dets = self._datasets()
+        with contextlib.redirect_stdout(io.StringIO()):  # COCOeval reports every step on stdout
+            coco_gt = COCO()
+            coco_gt.dataset = gt
+            coco_gt.createIndex()
+            if len(dets):
+                coco_dt = coco_gt.loadRes(dets)
+            else:  # loadRes cannot take an empty result set
+                coco_dt = COCO()
+                coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
+                coco_dt.createIndex()
+            ev = COCOeval(coco_gt, coco_dt, "bbox")
+            ev.params.areaRng = list(ev.params.areaRng) + [list(r) for r in self.area_ranges.values()]
+            ev.params.areaRngLbl = list(ev.params.areaRngLbl) + list(self.area_ranges)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        return ev
+
+    def summarize(self) -> dict[str, float]:
+        """The 12 COCO summary numbers keyed by STAT_KEYS, then AP_<name> per extra area range; -1 where
+        undefined (no ground truth in that range)."""
+        ev = self.evaluate()
+        stats = [float(s) for s in ev.stats]
+        if len(stats) > 12:  # faster-coco-eval lists an AP and an AR for every area range: AP..., AR...
+            n = len(self.area_ranges)
+            stats = stats[:6] + stats[6 + n:12 + n]
+        out = dict(zip(self.STAT_KEYS, stats))
+        precision = ev.eval["precision"]  # (iou, recall, class, area, maxDets)
+        for name in self.area_ranges:
+            p = precision[:, :, :, list(ev.params.areaRngLbl).index(name), -1]
+            p = p[p > -1]
+            out[f"AP_{name}"] = float(p.mean()) if p.size else -1.0
+        return out

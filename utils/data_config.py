@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
 
 from utils.errors import UserError
+from utils.files import download_file
+from utils.logging import LOGGER
+from utils.names import normalize_names
 
 ROOT = Path(__file__).resolve().parents[1]  # the project root: holds models/, utils/, data/
 DATA_DIR = ROOT / "data"
@@ -52,16 +53,14 @@ def load_yaml(file: Path) -> dict:
 
 def normalise_names(names: Any, source: str) -> dict[int, str]:
     """names as a list or {index: name} -> {0: name0, 1: name1, ...} with contiguous indices."""
-    if isinstance(names, (list, tuple)):
-        return {i: str(n) for i, n in enumerate(names)}
-    if isinstance(names, dict):
+    if isinstance(names, (list, tuple, dict)):
         try:
-            out = {int(k): str(v) for k, v in names.items()}
-        except (TypeError, ValueError):
+            out = normalize_names(names)
+        except ValueError:
             raise UserError(f"{source}: 'names' keys must be class indices 0, 1, 2, ...") from None
         if sorted(out) != list(range(len(out))):
             raise UserError(f"{source}: 'names' indices must run 0..{len(out) - 1} without gaps, got {sorted(out)}")
-        return dict(sorted(out.items()))
+        return out
     raise UserError(f"{source}: 'names' must be a list or a mapping {{index: name}}, got {type(names).__name__}")
 
 
@@ -148,12 +147,12 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
             raise UserError(f"{source}: dataset not found, missing {', '.join(val_missing)} (and no 'download' step)")
         if not autodownload:
             raise UserError(f"{source}: dataset not found, missing {', '.join(val_missing)} (automatic download is off)")
-        print(f"Dataset not found, missing {', '.join(val_missing)}; running its download step...")
+        LOGGER.info(f"Dataset not found, missing {', '.join(val_missing)}; running its download step...")
         run_download_step(step, data, source)
         still = [p for p in _as_list(data["val"]) if not Path(p).exists()]
         if still:
             raise UserError(f"{source}: download step finished but {', '.join(still)} is still missing")
-        print(f"Dataset ready in {path}")
+        LOGGER.info(f"Dataset ready in {path}")
     return data
 
 
@@ -215,27 +214,13 @@ def download(
 
     Used by the dataset yamls' download snippets; offline, fails with one UserError line.
     """
-    from tqdm import tqdm
-
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
     out = []
     for url in urls:
         f = dir / Path(url.split("?")[0]).name
         if not f.exists():
-            tmp = f.with_name(f.name + ".part")
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as fo:
-                    total = int(r.headers.get("Content-Length") or 0)
-                    with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"Downloading {f.name}") as bar:
-                        while chunk := r.read(1 << 20):
-                            fo.write(chunk)
-                            bar.update(len(chunk))
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                tmp.unlink(missing_ok=True)
-                reason = getattr(e, "reason", e)
-                raise UserError(f"could not download {url}: {reason} (no internet connection?)") from None
-            tmp.rename(f)
+            download_file(url, f, timeout)
         if unzip and f.suffix in (".zip", ".tar", ".gz", ".tgz"):
             check_archive(f, dir)
             try:

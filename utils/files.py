@@ -150,3 +150,29 @@ def _release(lock: Path) -> None:
             lock.unlink()
     except OSError:
         pass
+
+
+def download_file(url: str, dest: str | Path, timeout: float = 30.0) -> Path:
+    """Fetch url to dest through dest.part, so an interrupted download never looks complete; offline or on an
+    HTTP error, one UserError line (callers wanting other advice catch it)."""
+    import urllib.error
+    import urllib.request
+
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as fo:
+            total = int(r.headers.get("Content-Length") or 0)
+            with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"Downloading {dest.name}") as bar:
+                while chunk := r.read(1 << 20):
+                    fo.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", e)
+        raise UserError(f"could not download {url}: {reason} (no internet connection?)") from None
+    return dest

@@ -85,7 +85,7 @@ class ResultsLogger:
 
                 self.tb = SummaryWriter(str(save_dir))
             except Exception as e:  # logging must never stop a training run
-                print(f"WARNING: TensorBoard logging disabled ({e})")
+                LOGGER.warning(f"TensorBoard logging disabled ({e})")
 
     def _truncate(self, start_epoch: int) -> None:
         """Keep only rows of epochs before start_epoch, so a resumed run has no duplicated epochs."""

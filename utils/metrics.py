@@ -1,8 +1,7 @@
-"""Detection metrics: YOLOv5-style per-class AP, confusion matrix, fitness, and a native COCO bbox evaluator.
+"""Detection metrics: YOLOv5-style per-class AP, confusion matrix and fitness.
 
-The YOLOv5 parts (match_predictions, compute_ap, ap_per_class, ConfusionMatrix, fitness) follow the reference
-algorithms step by step so that mAP numbers agree with YOLOv5's val.py. COCOStyleEvaluator follows pycocotools'
-COCOeval bbox algorithm so AP/APs/APm/APl agree with pycocotools without needing a json round trip.
+match_predictions, compute_ap, ap_per_class, ConfusionMatrix and fitness follow the reference algorithms step by
+step so that mAP numbers agree with YOLOv5's val.py. COCO's AP/APs/APm/APl come from COCOeval (utils/coco.py).
 """
 from __future__ import annotations
 
@@ -13,14 +12,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # COCO mAP@0.5:0.95 thresholds
-
-
-def _names_dict(names: Mapping[int, str] | Sequence[str] | None) -> dict[int, str]:
-    if names is None:
-        return {}
-    return dict(names) if isinstance(names, Mapping) else dict(enumerate(names))
-
+from utils.curves import smooth
+from utils.names import normalize_names
 
 def _greedy_unique_matches(matches: np.ndarray, resort_before_labels: bool) -> np.ndarray:
     """Reduce [label, detection, iou] candidate rows to one-to-one pairs the way YOLOv5 does.
@@ -65,14 +58,6 @@ def compute_ap(recall: np.ndarray, precision: np.ndarray) -> tuple[float, np.nda
     x = np.linspace(0, 1, 101)
     ap = float(np.trapezoid(np.interp(x, mrec, mpre), x))
     return ap, mpre, mrec
-
-
-def smooth(y: np.ndarray, f: float = 0.05) -> np.ndarray:
-    """Box-filter y with a window of fraction f of its length, padding the ends with edge values."""
-    nf = round(len(y) * f * 2) // 2 + 1  # odd window so the output stays aligned with the input
-    pad = np.ones(nf // 2)
-    yp = np.concatenate((pad * y[0], y, pad * y[-1]))
-    return np.convolve(yp, np.ones(nf) / nf, mode="valid")
 
 
 def ap_per_class(
@@ -122,7 +107,7 @@ def ap_per_class(
     if plot:
         from utils.plots import plot_mc_curve, plot_pr_curve  # lazy: matplotlib only when plotting
 
-        all_names = _names_dict(names)
+        all_names = normalize_names(names)
         present = {k: v for k, v in all_names.items() if k in unique_classes}
         curve_names = dict(enumerate(present.values()))
         save_dir = Path(save_dir)
@@ -208,218 +193,8 @@ class ConfusionMatrix:
         """Save confusion_matrix.png (columns normalised to sum 1 when normalize) and return its path."""
         from utils.plots import plot_confusion_matrix
 
-        return plot_confusion_matrix(self.matrix, Path(save_dir), _names_dict(names), normalize)
+        return plot_confusion_matrix(self.matrix, Path(save_dir), normalize_names(names), normalize)
 
     def print(self) -> None:
         for row in self.matrix:
             print(" ".join(f"{v:.0f}" for v in row))
-
-
-class COCOStyleEvaluator:
-    """Native re-implementation of pycocotools' COCOeval for boxes (AP, AP50, AP75, APs/m/l, AR1/10/100, ARs/m/l).
-
-    Feed one image at a time with update(); boxes are xyxy in original-image pixels and a box's area is w*h.
-    All ground truths are treated as non-crowd (YOLO labels carry no crowd flag).
-    """
-
-    STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-    def __init__(
-        self,
-        iou_thrs: np.ndarray = IOU_THRESHOLDS,
-        max_dets: Sequence[int] = (1, 10, 100),
-        area_ranges: Mapping[str, tuple[float, float]] | None = None,
-    ):
-        self.iou_thrs = np.asarray(iou_thrs, dtype=float)
-        self.rec_thrs = np.linspace(0.0, 1.0, 101)
-        self.max_dets = list(max_dets)
-        if area_ranges is None:
-            area_ranges = {"all": (0, 1e10), "small": (0, 32**2), "medium": (32**2, 96**2), "large": (96**2, 1e10)}
-        self.area_ranges = dict(area_ranges)
-        self._images: dict[object, tuple[np.ndarray, ...]] = {}
-
-    def __len__(self) -> int:
-        """Number of images recorded so far (handy as a running image id)."""
-        return len(self._images)
-
-    @staticmethod
-    def _np(x, dtype, shape: tuple[int, ...]) -> np.ndarray:
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().numpy()
-        x = np.asarray(x if x is not None else np.zeros(shape), dtype=dtype)
-        return x.reshape((-1,) + shape[1:]) if x.size == 0 else x
-
-    def update(
-        self,
-        image_id: int | str,
-        pred_xyxy,
-        pred_scores,
-        pred_classes,
-        gt_xyxy,
-        gt_classes,
-    ) -> None:
-        """Record one image's predictions and ground truths (xyxy, original pixels). Each image_id once."""
-        if image_id in self._images:
-            raise ValueError(f"COCOStyleEvaluator: image_id {image_id!r} was given twice")
-        pb = self._np(pred_xyxy, np.float64, (0, 4))
-        ps = self._np(pred_scores, np.float64, (0,)).reshape(-1)
-        pc = self._np(pred_classes, np.float64, (0,)).reshape(-1).astype(np.int64)
-        gb = self._np(gt_xyxy, np.float64, (0, 4))
-        gc = self._np(gt_classes, np.float64, (0,)).reshape(-1).astype(np.int64)
-        if not (len(pb) == len(ps) == len(pc)) or len(gb) != len(gc):
-            raise ValueError(
-                f"COCOStyleEvaluator: image {image_id!r} has {len(pb)} boxes/{len(ps)} scores/{len(pc)} classes "
-                f"for predictions and {len(gb)} boxes/{len(gc)} classes for ground truth"
-            )
-        self._images[image_id] = (pb, ps, pc, gb, gc)
-
-    def _image_order(self) -> list:
-        ids = list(self._images)
-        try:
-            return sorted(ids)  # COCOeval visits images in sorted id order, which decides score-tie order
-        except TypeError:  # mixed int/str ids: keep insertion order
-            return ids
-
-    def _evaluate_image(
-        self, ious: np.ndarray, dt_area: np.ndarray, gt_area: np.ndarray, a_rng: tuple[float, float]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Greedy COCO matching for one image/class/area range; dts are already score-sorted and truncated.
-
-        Returns (dt_matched (T, D) bool, dt_ignore (T, D) bool, gt_ignore (G,) bool).
-        """
-        T, (D, G) = len(self.iou_thrs), ious.shape
-        gt_ig = (gt_area < a_rng[0]) | (gt_area > a_rng[1])
-        g_order = np.argsort(gt_ig, kind="mergesort")  # ignored gts last, as COCOeval
-        gt_ig = gt_ig[g_order]
-        ious = ious[:, g_order]
-        dtm = np.zeros((T, D), dtype=bool)
-        dt_ig = np.zeros((T, D), dtype=bool)
-        if D and G:
-            gt_taken = np.zeros((T, G), dtype=bool)
-            thr = np.minimum(self.iou_thrs, 1 - 1e-10)[:, None]
-            rev = np.arange(G)[::-1]
-            # a dt below the lowest threshold with every gt can match nothing: skip it (most low-score dts)
-            for d in np.nonzero(ious.max(1) >= thr.min())[0]:
-                ok = (~gt_taken) & (ious[d][None, :] >= thr)  # (T, G) candidates at each threshold
-                # COCOeval prefers any regular gt over ignored ones and, among equals, the best IoU with ties
-                # going to the later gt; scoring reversed columns with argmax reproduces that choice.
-                score = np.where(ok, ious[d][None, :], -1.0)
-                reg = np.where(~gt_ig[None, :], score, -1.0)
-                has_reg = (reg >= 0).any(1)
-                pick_src = np.where(has_reg[:, None], reg, score)
-                m = rev[np.argmax(pick_src[:, ::-1], axis=1)]
-                found = pick_src[np.arange(T), m] >= 0
-                t_idx = np.nonzero(found)[0]
-                dtm[t_idx, d] = True
-                dt_ig[t_idx, d] = gt_ig[m[t_idx]]
-                gt_taken[t_idx, m[t_idx]] = True
-        out_of_range = (dt_area < a_rng[0]) | (dt_area > a_rng[1])
-        dt_ig |= (~dtm) & out_of_range[None, :]
-        return dtm, dt_ig, gt_ig
-
-    def evaluate(self) -> dict[str, np.ndarray]:
-        """Run matching and accumulation; returns {'precision': (T, R, K, A, M), 'recall': (T, K, A, M)}."""
-        T, R, A, M = len(self.iou_thrs), len(self.rec_thrs), len(self.area_ranges), len(self.max_dets)
-        max_det = max(self.max_dets)
-        a_rngs = list(self.area_ranges.values())
-        img_ids = self._image_order()
-        classes = sorted({int(c) for v in self._images.values() for c in np.concatenate((v[2], v[4]))})
-        K = len(classes)
-        precision = -np.ones((T, R, K, A, M))
-        recall = -np.ones((T, K, A, M))
-        # per (class, area): lists over images of (scores, dtm, dt_ig, gt_ig)
-        per_ka: dict[tuple[int, int], list] = {(k, a): [] for k in range(K) for a in range(A)}
-        k_of = {c: k for k, c in enumerate(classes)}
-
-        for img in img_ids:
-            pb, ps, pc, gb, gc = self._images[img]
-            for c in np.unique(np.concatenate((pc, gc))):
-                k = k_of[int(c)]
-                di = np.nonzero(pc == c)[0]
-                di = di[np.argsort(-ps[di], kind="mergesort")][:max_det]
-                gi = np.nonzero(gc == c)[0]
-                dbox, gbox = pb[di], gb[gi]
-                ious = box_iou(torch.from_numpy(dbox), torch.from_numpy(gbox)).numpy()
-                ious = np.nan_to_num(ious, nan=0.0)  # zero-area boxes overlap nothing
-                d_area = (dbox[:, 2] - dbox[:, 0]) * (dbox[:, 3] - dbox[:, 1])
-                g_area = (gbox[:, 2] - gbox[:, 0]) * (gbox[:, 3] - gbox[:, 1])
-                for a, rng in enumerate(a_rngs):
-                    dtm, dt_ig, gt_ig = self._evaluate_image(ious, d_area, g_area, rng)
-                    per_ka[(k, a)].append((ps[di], dtm, dt_ig, gt_ig))
-
-        for (k, a), entries in per_ka.items():
-            if not entries:
-                continue
-            gt_ig = np.concatenate([e[3] for e in entries])
-            npig = int(np.count_nonzero(~gt_ig))
-            if npig == 0:
-                continue
-            for m, md in enumerate(self.max_dets):
-                scores = np.concatenate([e[0][:md] for e in entries])
-                order = np.argsort(-scores, kind="mergesort")
-                dtm = np.concatenate([e[1][:, :md] for e in entries], axis=1)[:, order]
-                dt_ig = np.concatenate([e[2][:, :md] for e in entries], axis=1)[:, order]
-                tps = np.cumsum(dtm & ~dt_ig, axis=1).astype(float)
-                fps = np.cumsum(~dtm & ~dt_ig, axis=1).astype(float)
-                for t in range(T):
-                    tp, fp = tps[t], fps[t]
-                    nd = len(tp)
-                    rc = tp / npig
-                    pr = tp / (fp + tp + np.spacing(1))
-                    recall[t, k, a, m] = rc[-1] if nd else 0
-                    pr = np.flip(np.maximum.accumulate(np.flip(pr)))  # precision envelope
-                    q = np.zeros(R)
-                    inds = np.searchsorted(rc, self.rec_thrs, side="left")
-                    valid = inds < nd  # recall levels never reached keep precision 0
-                    q[valid] = pr[inds[valid]]
-                    precision[t, :, k, a, m] = q
-        return {"precision": precision, "recall": recall}
-
-    def summarize(self) -> dict[str, float]:
-        """The 12 COCO summary numbers keyed by STAT_KEYS; -1 where undefined (no gts in that range)."""
-        ev = self.evaluate()
-        area_names = list(self.area_ranges)
-
-        def stat(ap: bool, iou: float | None = None, area: str = "all", max_det: int | None = None) -> float:
-            if area not in area_names:
-                return -1.0
-            a = area_names.index(area)
-            m = self.max_dets.index(self.max_dets[-1] if max_det is None else max_det)
-            s = ev["precision"][..., a, m] if ap else ev["recall"][..., a, m]
-            if iou is not None:
-                s = s[np.isclose(self.iou_thrs, iou)]
-            s = s[s > -1]
-            return float(np.mean(s)) if s.size else -1.0
-
-        d1, d10 = self.max_dets[0], self.max_dets[min(1, len(self.max_dets) - 1)]
-        vals = [
-            stat(True),
-            stat(True, 0.5),
-            stat(True, 0.75),
-            stat(True, area="small"),
-            stat(True, area="medium"),
-            stat(True, area="large"),
-            stat(False, max_det=d1),
-            stat(False, max_det=d10),
-            stat(False),
-            stat(False, area="small"),
-            stat(False, area="medium"),
-            stat(False, area="large"),
-        ]
-        return dict(zip(self.STAT_KEYS, vals))
-
-    def format_summary(self, stats: Mapping[str, float]) -> str:
-        """The 12 lines pycocotools prints, for stats from summarize()."""
-        iou_all = f"{self.iou_thrs[0]:0.2f}:{self.iou_thrs[-1]:0.2f}"
-        d1, d10, big = self.max_dets[0], self.max_dets[min(1, len(self.max_dets) - 1)], self.max_dets[-1]
-        rows = [  # (kind, iou, area, maxDets) per STAT_KEYS entry
-            ("AP", iou_all, "all", big), ("AP", "0.50", "all", big), ("AP", "0.75", "all", big),
-            ("AP", iou_all, "small", big), ("AP", iou_all, "medium", big), ("AP", iou_all, "large", big),
-            ("AR", iou_all, "all", d1), ("AR", iou_all, "all", d10), ("AR", iou_all, "all", big),
-            ("AR", iou_all, "small", big), ("AR", iou_all, "medium", big), ("AR", iou_all, "large", big),
-        ]
-        lines = []
-        for key, (kind, iou, area, md) in zip(self.STAT_KEYS, rows):
-            title = "Average Precision" if kind == "AP" else "Average Recall"
-            lines.append(f" {title:<18} ({kind}) @[ IoU={iou:<9} | area={area:>6s} | maxDets={md:>3d} ] = {stats[key]:0.3f}")
-        return "\n".join(lines)

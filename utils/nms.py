@@ -7,6 +7,7 @@ import torch
 import torchvision
 
 from utils.boxes import xywh2xyxy
+from utils.logging import LOGGER
 
 MAX_WH = 7680  # class offset for batched NMS: larger than any image side
 MAX_NMS_INPUT = 30000  # boxes kept by score before NMS, bounding its cost
@@ -71,6 +72,6 @@ def non_max_suppression(
         keep = torchvision.ops.nms(x[:, :4] + offsets, x[:, 4], iou_thres)[:max_det]
         output[xi] = x[keep]
         if time_limit is not None and time.time() - start > time_limit:
-            print(f"WARNING: NMS time limit {time_limit:.3f}s exceeded")
+            LOGGER.warning(f"NMS time limit {time_limit:.3f}s exceeded")
             break
     return output

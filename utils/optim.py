@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils.logging import LOGGER
 from utils.torch_utils import de_parallel
 
 OPTIMIZERS = ("SGD", "Adam", "AdamW", "RMSProp")
@@ -52,7 +53,7 @@ def smart_optimizer(
         raise ValueError(f"optimizer '{name}' is not known; choose one of {', '.join(OPTIMIZERS)}")
     optimizer.add_param_group({"params": g_w, "weight_decay": decay})
     optimizer.add_param_group({"params": g_bn, "weight_decay": 0.0})
-    print(
+    LOGGER.info(
         f"optimizer: {type(optimizer).__name__}(lr={lr}) with parameter groups "
         f"{len(g_bn)} weight(decay=0.0), {len(g_w)} weight(decay={decay}), {len(g_b)} bias"
     )
@@ -185,7 +186,7 @@ class EarlyStopping:
         self.possible_stop = delta >= (self.patience - 1)
         stop = delta >= self.patience
         if stop:
-            print(
+            LOGGER.info(
                 f"EarlyStopping: fitness has not improved for {self.patience} epochs (best {self.best_fitness:.5f} "
                 f"at epoch {self.best_epoch}, kept as best.pt), so training stops here. "
                 f"Train longer with a larger --patience, or turn this off with --patience 0."

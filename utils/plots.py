@@ -20,7 +20,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.ndimage import gaussian_filter1d
 
+from utils.curves import smooth
 from utils.errors import UserError
+from utils.names import normalize_names
 
 _PALETTE = colormaps["tab20"]
 
@@ -29,12 +31,6 @@ def class_color(i: int) -> tuple[int, int, int]:
     """A stable RGB colour (0-255) per class index."""
     r, g, b, _ = _PALETTE(int(i) % _PALETTE.N)
     return int(r * 255), int(g * 255), int(b * 255)
-
-
-def _names_dict(names: Mapping[int, str] | Sequence[str] | None) -> dict[int, str]:
-    if names is None:
-        return {}
-    return dict(names) if isinstance(names, Mapping) else dict(enumerate(names))
 
 
 def _target(save: Path | str, default_name: str) -> Path:
@@ -67,7 +63,7 @@ def plot_pr_curve(
 ) -> Path:
     """Precision-recall curve per class (legend for < 21 classes) and their mean; ap is (nc, T) with AP@0.5 in
     column 0. save_dir is the png path (or a folder, then PR_curve.png inside). Returns the saved path."""
-    names = _names_dict(names)
+    names = normalize_names(names)
     save = _target(save_dir, "PR_curve.png")
     fig = _new_figure((9, 6), tight_layout=True)
     ax = fig.add_subplot(1, 1, 1)
@@ -101,9 +97,7 @@ def plot_mc_curve(
 ) -> Path:
     """Metric-vs-confidence curve per class (py: (nc, len(px))) plus the smoothed mean, annotated with its
     maximum. save_dir is the png path (or a folder). Returns the saved path."""
-    from utils.metrics import smooth
-
-    names = _names_dict(names)
+    names = normalize_names(names)
     save = _target(save_dir, f"{ylabel}_curve.png")
     fig = _new_figure((9, 6), tight_layout=True)
     ax = fig.add_subplot(1, 1, 1)
@@ -134,7 +128,7 @@ def plot_confusion_matrix(
     normalize: bool = True,
 ) -> Path:
     """Heatmap of a (nc+1, nc+1) [predicted, true] matrix with background last -> confusion_matrix.png."""
-    names = _names_dict(names)
+    names = normalize_names(names)
     save = _target(save_dir, "confusion_matrix.png")
     nc = matrix.shape[0] - 1
     array = matrix / (matrix.sum(0).reshape(1, -1) + 1e-9) if normalize else matrix.astype(float)
@@ -169,7 +163,7 @@ def plot_images(
     with xywh box centres either normalised (all <= 1) or in pixels of the batch images. With a conf column
     (predictions) only boxes above 0.25 are drawn and labels show the confidence.
     """
-    names = _names_dict(names)
+    names = normalize_names(names)
     images = _to_numpy(images).astype(np.float32)
     if images.ndim == 3:
         images = images[None]
@@ -281,7 +275,7 @@ def plot_labels(
 ) -> Path:
     """Dataset label statistics -> labels.jpg: class histogram, box outlines, centre (x, y) and size (w, h)
     densities. labels: (n, 5) rows cls, x, y, w, h normalised."""
-    names = _names_dict(names)
+    names = normalize_names(names)
     save = _target(save_dir, "labels.jpg")
     labels = _to_numpy(labels).reshape(-1, 5).astype(np.float64)
     fig = _new_figure((8, 8), tight_layout=True)

@@ -20,6 +20,7 @@ import numpy as np
 
 from utils.augmentations import letterbox
 from utils.errors import UserError
+from utils.logging import LOGGER
 
 IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
 VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv")
@@ -218,13 +219,13 @@ class LoadImages:
         self.used = 0
 
     def _skip(self, path: str, why: str) -> None:
-        print(f"WARNING: skipping {path}: {why}")
+        LOGGER.warning(f"skipping {path}: {why}")
         self.skipped.append((path, why))
 
     def _finish(self) -> None:
         """End of the source: one summary line of what was skipped; an error if nothing was usable."""
         if self.skipped:
-            print(f"WARNING: {len(self.skipped)} of {self.nf} files skipped as unreadable "
+            LOGGER.warning(f"{len(self.skipped)} of {self.nf} files skipped as unreadable "
                   f"({', '.join(sorted({Path(p).name for p, _ in self.skipped})[:5])}{', ...' if len(self.skipped) > 5 else ''})")
             if self.used == 0:
                 raise UserError(f"none of the {self.nf} files in the source could be read")
@@ -313,7 +314,7 @@ class LoadStreams:
             if not ok:
                 raise UserError(f"stream '{s}' opened but gave no frame")
             self.threads[i] = threading.Thread(target=self._update, args=(i, cap), daemon=True)
-            print(f"{i + 1}/{n}: {s}... Success ({self.frames[i]} frames {self.imgs[i].shape[1]}x{self.imgs[i].shape[0]} at {self.fps[i]:.2f} FPS)")
+            LOGGER.info(f"{i + 1}/{n}: {s}... Success ({self.frames[i]} frames {self.imgs[i].shape[1]}x{self.imgs[i].shape[0]} at {self.fps[i]:.2f} FPS)")
             self.threads[i].start()
         self.timeout = timeout
 
@@ -328,7 +329,7 @@ class LoadStreams:
                     self.imgs[i] = im
                     self.seq[i] += 1
                 else:
-                    print(f"WARNING: stream {self.sources[i]} stopped answering")
+                    LOGGER.warning(f"stream {self.sources[i]} stopped answering")
                     self.imgs[i] = None
                     break
             time.sleep(0.0)
@@ -359,7 +360,7 @@ class LoadStreams:
                 return
             if time.monotonic() > deadline:
                 stalled = [src for src, s, last in zip(self.sources, self.seq, self.last) if s <= last]
-                print(f"WARNING: stream {', '.join(stalled)} sent no new frame for {self.timeout:g}s; stopping")
+                LOGGER.warning(f"stream {', '.join(stalled)} sent no new frame for {self.timeout:g}s; stopping")
                 self.running = False
                 raise StopIteration
             time.sleep(0.002)

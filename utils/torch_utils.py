@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from utils.errors import UserError
+from utils.logging import LOGGER
 
 LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
 RANK = int(os.getenv("RANK", -1))
@@ -151,7 +152,7 @@ def model_info(model: nn.Module, verbose: bool = False, img_size: int = 640) -> 
     except Exception:  # a model that cannot run at the stride size still gets a summary
         flops = float("nan")
     name = getattr(model, "yaml_file", "") or "Model"
-    print(f"{name} summary: {n_l} layers, {n_p:,} parameters, {n_g:,} gradients, {flops:.1f} GFLOPs")
+    LOGGER.info(f"{name} summary: {n_l} layers, {n_p:,} parameters, {n_g:,} gradients, {flops:.1f} GFLOPs")
     return n_l, n_p, n_g, flops
 
 
@@ -205,7 +206,7 @@ def check_img_size(imgsz, stride: int = 32, floor: int = 0):
     new = [max(int(math.ceil(s / stride) * stride), floor) for s in sizes]
     out = new[0] if single else new
     if new != sizes:
-        print(f"WARNING: --imgsz {imgsz} must be a multiple of max stride {stride}, updating to {out}")
+        LOGGER.warning(f"--imgsz {imgsz} must be a multiple of max stride {stride}, updating to {out}")
     return out
 
 
