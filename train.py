@@ -31,7 +31,7 @@ import val as validate  # noqa: E402
 from engine.evaluate import evaluate  # noqa: E402
 from engine.guards import CheckpointWriter, StepGuard, TrainingInterrupted  # noqa: E402
 from engine.state import TrainState, build_train_state, checkpoint, strip_checkpoint  # noqa: E402
-from engine.trainer import reweight_images, train_one_epoch  # noqa: E402
+from engine.trainer import epoch_rng, reweight_images, train_one_epoch  # noqa: E402
 from models.checkpoints import safe_load  # noqa: E402
 from utils.checkpoints import atomic_save  # noqa: E402
 from utils.checks import check_loader_args  # noqa: E402
@@ -126,11 +126,11 @@ def run_epochs(state: TrainState, opt: argparse.Namespace, save_dir: Path, write
                     f"Using {state.train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
                     f"Logging results to {colorstr('bold', str(save_dir))}\nStarting training for {opt.epochs} epochs...")
         for epoch in range(state.start_epoch, opt.epochs):
+            rng = epoch_rng(opt.seed, epoch)
             if opt.image_weights:
-                reweight_images(state)
-            if RANK != -1:
-                state.train_loader.sampler.set_epoch(epoch)
-            mloss, n = train_one_epoch(state, epoch, guard, multi_scale_on=opt.multi_scale, quad=opt.quad,
+                reweight_images(state, rng)
+            state.train_loader.set_epoch(epoch)  # shuffle and augmentation seeded by (seed, epoch): resumable
+            mloss, n = train_one_epoch(state, epoch, guard, rng=rng, multi_scale_on=opt.multi_scale, quad=opt.quad,
                                        plots_dir=None if opt.noplots else save_dir, show_progress=main_rank)
             trained += n
             lr = [x["lr"] for x in state.optimizer.param_groups]  # the rates this epoch trained with

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from engine.guards import StepGuard
 from engine.state import NOMINAL_BATCH, TrainState
+from utils.dataset import epoch_seed
 from utils.optim import warmup
 from utils.plots import plot_images
 from utils.sampling import labels_to_image_weights
@@ -19,9 +20,9 @@ from utils.torch_utils import RANK, WORLD_SIZE, de_parallel
 PROGRESS_HEADER = ("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size")
 
 
-def multi_scale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
+def multi_scale(imgs: torch.Tensor, imgsz: int, gs: int, rng: random.Random) -> torch.Tensor:
     """--multi-scale: the batch resized to a random size in [0.5, 1.5] x imgsz, a multiple of the grid size."""
-    sz = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
+    sz = rng.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
     sf = sz / max(imgs.shape[2:])
     if sf != 1:
         ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
@@ -29,12 +30,18 @@ def multi_scale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
     return imgs
 
 
-def reweight_images(state: TrainState) -> None:
+def epoch_rng(seed: int, epoch: int) -> random.Random:
+    """The training loop's own draws (multi-scale sizes, image weights) for one epoch: they depend only on
+    (seed, epoch, rank), so a resumed run draws what an uninterrupted one would."""
+    return random.Random(epoch_seed(seed, epoch, max(RANK, 0)))
+
+
+def reweight_images(state: TrainState, rng: random.Random) -> None:
     """--image-weights: draw this epoch's images by how poorly their classes did in the last validation."""
     dataset = state.dataset
     cw = de_parallel(state.model).class_weights.cpu().numpy() * (1 - state.maps) ** 2 / state.nc
     iw = labels_to_image_weights(dataset.labels, nc=state.nc, class_weights=cw)
-    dataset.indices = random.choices(range(dataset.n), weights=iw, k=dataset.n)
+    dataset.indices = rng.choices(range(dataset.n), weights=iw, k=dataset.n)
 
 
 def _optimizer_step(state: TrainState, guard: StepGuard, epoch: int, i: int) -> bool:
@@ -52,12 +59,15 @@ def _optimizer_step(state: TrainState, guard: StepGuard, epoch: int, i: int) -> 
     return True
 
 
-def train_one_epoch(state: TrainState, epoch: int, guard: StepGuard, *, multi_scale_on: bool = False,
-                    quad: bool = False, plots_dir: Path | None = None, show_progress: bool = True) -> tuple[torch.Tensor, int]:
+def train_one_epoch(state: TrainState, epoch: int, guard: StepGuard, *, rng: random.Random | None = None,
+                    multi_scale_on: bool = False, quad: bool = False, plots_dir: Path | None = None,
+                    show_progress: bool = True) -> tuple[torch.Tensor, int]:
     """Train `epoch`; returns (mean box/obj/cls losses, batches trained on this rank).
 
-    `plots_dir`: where the first three batches of the run are drawn (None: not drawn).
+    `rng`: the epoch's own draws (see epoch_rng); `plots_dir`: where the first three batches of the run are
+    drawn (None: not drawn).
     """
+    rng = rng or random.Random(epoch)
     model, nb, device = state.model, state.nb, state.device
     model.train()
     mloss = torch.zeros(3, device=device)
@@ -74,7 +84,7 @@ def train_one_epoch(state: TrainState, epoch: int, guard: StepGuard, *, multi_sc
             state.accumulate = warmup(ni, state.nw, epoch, state.lf, state.optimizer, state.hyp, NOMINAL_BATCH,
                                       state.batch_size)
         if multi_scale_on:
-            imgs = multi_scale(imgs, state.imgsz, state.gs)
+            imgs = multi_scale(imgs, state.imgsz, state.gs, rng)
         with torch.autocast(device_type=device.type, enabled=state.amp):
             loss, loss_items = state.compute_loss(model(imgs), targets.to(device))
             if RANK != -1:
