@@ -151,3 +151,7 @@ def test_resume_after_epoch_1_repeats_the_uninterrupted_epoch_2(tmp_path, monkey
     for a, b in zip(whole, resumed):
         assert {k: round(v, 4) for k, v in a.items()} == {k: round(v, 4) for k, v in b.items()}
     assert whole[2]["train/box_loss"] != whole[1]["train/box_loss"]  # epoch 2 really trained
+    a, b = (torch.load(tmp_path / r / "weights" / "last.pt", weights_only=True) for r in ("whole", "cut"))
+    assert a["updates"] == b["updates"] > 0  # the EMA's own state came back, not only its weights
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
