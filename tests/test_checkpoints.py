@@ -87,3 +87,21 @@ def test_missing_weights_are_clear_errors(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable checkpoint"):
         safe_load(junk)
+
+
+def test_missing_official_weights_offline_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from utils.checkpoints import resolve_weights
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    target = tmp_path / "yolov5s.pt"
+    with pytest.raises(UserError) as e:
+        resolve_weights(target)
+    msg = str(e.value)
+    assert "\n" not in msg and "could not download" in msg and "yolov5s.pt" in msg and str(target.resolve()) in msg
+    assert not list(tmp_path.iterdir())  # no .part file left behind

@@ -13,7 +13,6 @@ import os
 import pickle
 import re
 import tempfile
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from utils.errors import UserError
+from utils.files import download_file
 from utils.logging import LOGGER
 from utils.names import normalize_names
 
@@ -84,19 +84,11 @@ def resolve_weights(weights: str | Path) -> Path:
         return p  # an exported OpenVINO folder; the backend checks it
     if p.name in OFFICIAL_NAMES:
         url = OFFICIAL_RELEASE_URL + p.name
-        LOGGER.info(f"Downloading {url} to {p}...")
         try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            with urllib.request.urlopen(url, timeout=15) as r, open(p.with_suffix(".part"), "wb") as f:
-                f.write(r.read())
-            os.replace(p.with_suffix(".part"), p)
-            return p
-        except Exception as e:  # offline, proxy, HTTP error: all end in the same advice
-            p.with_suffix(".part").unlink(missing_ok=True)
-            raise UserError(
-                f"weights '{weights}' are not on disk and the download from {url} failed ({type(e).__name__}); "
-                f"download that file yourself and place it at {p.resolve()}"
-            ) from None
+            return download_file(url, p, timeout=15)
+        except UserError as e:  # offline, proxy, HTTP error: all end in the same advice
+            raise UserError(f"weights '{weights}' are not on disk and {str(e)[0].lower()}{str(e)[1:]}; "
+                            f"download that file yourself and place it at {p.resolve()}") from None
     raise UserError(f"weights file '{weights}' not found")
 
 
