@@ -215,7 +215,7 @@ def test_planted_faults_scan_to_the_end(tmp_path, capsys):
     # a different nc changes which rows are dropped, so the cache must not be reused
     ds3 = LoadImagesAndLabels(tr_img, img_size=64, batch_size=4, nc=None, prefix="val: ")
     out3 = capsys.readouterr().out
-    assert "(cached)" not in out3 and "WARNING: val: " in out3
+    assert "(cached)" not in out3 and "val: WARNING: " in out3
     assert len({Path(f).stem: lb for f, lb in zip(ds3.im_files, ds3.labels)}["class999"]) == 2
 
 

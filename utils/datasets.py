@@ -98,7 +98,7 @@ def create_dataloader(
     and the augmentations depend only on (seed, epoch[, rank]): call loader.set_epoch(epoch) before each epoch."""
     check_loader_args(batch_size, workers, quad)
     if rect and shuffle:
-        LOGGER.warning(f"{prefix}--rect is incompatible with shuffling, not shuffling")
+        LOGGER.warning("--rect is incompatible with shuffling, not shuffling", extra={"prefix": prefix})
         shuffle = False
     with torch_distributed_zero_first(rank):  # rank 0 scans and writes the cache first
         dataset = LoadImagesAndLabels(

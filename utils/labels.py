@@ -364,8 +364,8 @@ def scan_labels(im_files: list[str], label_files: list[str], nc: int | None, fil
         key = str(cache_path.parent)
         if key not in _warned_unwritable:
             _warned_unwritable.add(key)
-            LOGGER.warning(f"{prefix}cannot write the label cache {cache_path} (read-only folder?); "
-                           "labels are re-scanned each run")
+            LOGGER.warning(f"cannot write the label cache {cache_path} (read-only folder?); labels are re-scanned "
+                           "each run", extra={"prefix": prefix})
     good = [c for c in checks if c.labels is not None]
     return dict(
         im_files=[c.im_file for c in good],
@@ -394,12 +394,12 @@ def load_labels(path: str | Path | Sequence[str | Path], nc: int | None = None, 
     st = cache["stats"]
     LOGGER.info(f"{prefix}Scanning {where}... {st['nf']} images, {st['nm'] + st['ne']} backgrounds, {st['nc']} corrupt")
     for m in cache["msgs"]:
-        LOGGER.warning(prefix + m)
+        LOGGER.warning(m, extra={"prefix": prefix})
     orphans = orphan_labels(im_files, label_files)
     if orphans:  # often a renamed or missing image folder: the user should hear about it
-        LOGGER.warning(f"{prefix}{len(orphans)} label file(s) without an image are ignored, e.g. {orphans[0]}")
+        LOGGER.warning(f"{len(orphans)} label file(s) without an image are ignored, e.g. {orphans[0]}", extra={"prefix": prefix})
     if not cache["im_files"]:
         raise UserError(f"{prefix}no usable images in {path}: all {st['nc']} were corrupt")
     if st["nf"] == 0:
-        LOGGER.warning(f"{prefix}no labels found for {path}; training on it will not learn anything")
+        LOGGER.warning(f"no labels found for {path}; training on it will not learn anything", extra={"prefix": prefix})
     return cache, cache_path

@@ -32,7 +32,8 @@ class _MessageFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = record.getMessage()
-        return f"{record.levelname}: {text}" if record.levelno >= logging.WARNING else text
+        prefix = getattr(record, "prefix", "")  # e.g. 'val: ', kept in front: `val: WARNING: ...`
+        return f"{prefix}{record.levelname}: {text}" if record.levelno >= logging.WARNING else prefix + text
 
 
 def _make_logger() -> logging.Logger:
