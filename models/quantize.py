@@ -34,7 +34,7 @@ def calibration_files(data: str | Path | dict | None, n: int, seed: int = 0) -> 
     if n < 1:
         raise UserError(f"--calib-images must be at least 1, got {n}")
     from utils.data_config import check_dataset
-    from utils.datasets import collect_images
+    from utils.labels import collect_images
 
     d = check_dataset(data, autodownload=False)
     if not d.get("train"):

@@ -96,7 +96,7 @@ def check_anchors(dataset: Any, model: nn.Module, thr: float = 4.0, imgsz: int =
 def _load_dataset(data: str | Path) -> Any:
     """The training split of a dataset yaml (only its label sizes and image shapes are read)."""
     from utils.data_config import check_dataset
-    from utils.datasets import LoadImagesAndLabels
+    from utils.dataset import LoadImagesAndLabels
 
     d = check_dataset(data)
     # augmentation changes nothing AutoAnchor reads, and would need a hyp dict
