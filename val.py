@@ -157,7 +157,6 @@ def run(
                           agnostic=single_cls, augment=augment, half=model.fp16)
     rec = predict_dataset(predictor, dataloader, nc, names, single_cls=single_cls, save_hybrid=save_hybrid, out=out)
     result = summarize(rec, names, plots=plots, save_dir=save_dir, verbose=verbose, per_class=nc < 50, task=task)
-    result.speed = tuple(x / max(rec.seen, 1) * 1e3 for x in predictor.times)
     print(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(batch_size, 3, imgsz, imgsz)}"
           % result.speed)
     if save_json and len(rec.jdict):

@@ -56,15 +56,15 @@ class EvalRecord:
     gt_records: list = field(default_factory=list)  # (file, native-space labels, shape) for the COCO ground truth
     seen: int = 0
     loss: torch.Tensor | None = None
+    speed: tuple[float, float, float] = (0.0, 0.0, 0.0)  # pre-process, inference, NMS ms per image
 
     def __post_init__(self):
         self.confusion = ConfusionMatrix(nc=self.nc)
 
 
 def _record_image(rec: EvalRecord, pred: torch.Tensor, labels: torch.Tensor, input_hw, shape, ratio_pad, path: Path,
-                  out: EvalOutputs, single_cls: bool) -> None:
+                  out: EvalOutputs, single_cls: bool, iouv: torch.Tensor) -> None:
     """Match one image's predictions with its labels, both in the image's own pixels."""
-    iouv = IOU_THRESHOLDS.to(pred.device)
     nl, npr = labels.shape[0], pred.shape[0]
     correct = torch.zeros(npr, len(iouv), dtype=torch.bool, device=pred.device)
     rec.seen += 1
@@ -112,6 +112,7 @@ def predict_dataset(predictor: Predictor, dataloader, nc: int, names: dict, *, s
     rec = EvalRecord(nc=nc)
     device = predictor.device
     rec.loss = torch.zeros(3, device=device)
+    iouv = IOU_THRESHOLDS.to(device)
     for batch_i, (im, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=HEADER, bar_format="{l_bar}{bar:10}{r_bar}")):
         x = predictor.preprocess(im)
         targets = targets.to(device)
@@ -124,10 +125,11 @@ def predict_dataset(predictor: Predictor, dataloader, nc: int, names: dict, *, s
         dets = predictor.postprocess(raw, labels=hybrid)
         for si, pred in enumerate(dets):
             _record_image(rec, pred, targets[targets[:, 0] == si, 1:], x[si].shape[1:], shapes[si][0], shapes[si][1],
-                          Path(paths[si]), out, single_cls)
+                          Path(paths[si]), out, single_cls, iouv)
         if out.plots and batch_i < 3:
             _plot_batch(batch_i, x, targets, paths, dets, out.save_dir, names)
     rec.loss = rec.loss.cpu() / max(len(dataloader), 1)
+    rec.speed = tuple(x / max(rec.seen, 1) * 1e3 for x in predictor.times)
     return rec
 
 
@@ -166,7 +168,7 @@ def summarize(rec: EvalRecord, names: dict, *, plots: bool = False, save_dir: Pa
         maps[c] = ap[i]
     box, obj, cls = rec.loss.tolist() if rec.loss is not None else (0.0, 0.0, 0.0)
     return ValResult(precision=mp, recall=mr, map50=map50, map=mapv, box_loss=box, obj_loss=obj, cls_loss=cls, maps=maps,
-                     **{k.lower(): max(area[k], 0.0) for k in ("APs", "APm", "APl")})
+                     speed=rec.speed, **{k.lower(): max(area[k], 0.0) for k in ("APs", "APm", "APl")})
 
 
 @torch.no_grad()
@@ -178,6 +180,4 @@ def evaluate(model: torch.nn.Module, dataloader, nc: int, names: dict, *, conf_t
     predictor = Predictor(model, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, multi_label=True,
                           agnostic=single_cls, amp=amp)
     rec = predict_dataset(predictor, dataloader, nc, names, single_cls=single_cls, compute_loss=compute_loss)
-    result = summarize(rec, names, verbose=verbose)
-    result.speed = tuple(x / max(rec.seen, 1) * 1e3 for x in predictor.times)
-    return result
+    return summarize(rec, names, verbose=verbose)
