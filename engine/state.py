@@ -160,6 +160,7 @@ def build_train_state(opt: argparse.Namespace, hyp: dict, data: dict, names: dic
     optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     lf = one_cycle(1, hyp["lrf"], opt.epochs) if opt.cos_lr else linear_lr(hyp["lrf"], opt.epochs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    scheduler.last_epoch = -1  # YOLOv5's: the first epoch trains at lf(0) after warm-up, each epoch steps it once
     ema = ModelEMA(model) if RANK in {-1, 0} else None
     state = TrainState(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
                        scaler=torch.amp.GradScaler("cuda", enabled=amp), compute_loss=None, train_loader=None,
@@ -194,7 +195,6 @@ def _finish_model(state: TrainState, opt: argparse.Namespace) -> None:
     m.nc, m.hyp, m.names = state.nc, state.hyp, state.names
     m.class_weights = labels_to_class_weights(state.dataset.labels, state.nc).to(state.device) * state.nc
     state.nw = warmup_iterations(state.hyp["warmup_epochs"], state.nb)
-    state.scheduler.last_epoch = state.start_epoch - 1  # the epoch loop steps it once per epoch
     state.compute_loss = ComputeLoss(state.model)
 
 
@@ -214,6 +214,8 @@ def restore(state: TrainState, ckpt: dict, weights: str) -> None:
     LOGGER.info(f"Resuming training from {weights} at epoch {state.start_epoch} of {state.epochs}")
     if ckpt.get("scheduler"):
         state.scheduler.load_state_dict(ckpt["scheduler"])
+    else:  # a checkpoint from before schedulers were saved
+        state.scheduler.last_epoch = state.start_epoch - 1
 
 
 def checkpoint(state: TrainState, epoch: int, opt: argparse.Namespace, half: bool = False) -> dict:
