@@ -59,7 +59,7 @@ def _optimizer_step(state: TrainState, guard: StepGuard, epoch: int, i: int) -> 
     return True
 
 
-def train_one_epoch(state: TrainState, epoch: int, guard: StepGuard, *, rng: random.Random | None = None,
+def train_one_epoch(state: TrainState, epoch: int, guard: StepGuard, *, rng: random.Random,
                     multi_scale_on: bool = False, quad: bool = False, plots_dir: Path | None = None,
                     show_progress: bool = True) -> tuple[torch.Tensor, int]:
     """Train `epoch`; returns (mean box/obj/cls losses, batches trained on this rank).
@@ -67,7 +67,6 @@ def train_one_epoch(state: TrainState, epoch: int, guard: StepGuard, *, rng: ran
     `rng`: the epoch's own draws (see epoch_rng); `plots_dir`: where the first three batches of the run are
     drawn (None: not drawn).
     """
-    rng = rng or random.Random(epoch)
     model, nb, device = state.model, state.nb, state.device
     model.train()
     mloss = torch.zeros(3, device=device)
