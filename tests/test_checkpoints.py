@@ -90,6 +90,7 @@ def test_missing_weights_are_clear_errors(tmp_path):
 
 
 def test_missing_official_weights_offline_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import io
     import urllib.error
     import urllib.request
 
@@ -98,10 +99,24 @@ def test_missing_official_weights_offline_is_one_line_and_leaves_nothing(tmp_pat
     def offline(*a, **k):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    class CutOff(io.BytesIO):  # the connection drops after the first megabyte
+        headers = {"Content-Length": str(4 << 20)}
+
+        def __init__(self):
+            super().__init__(b"x" * (1 << 20))
+            self.calls = 0
+
+        def read(self, n=-1):
+            self.calls += 1
+            if self.calls > 1:
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(n)
+
     target = tmp_path / "yolov5s.pt"
-    with pytest.raises(UserError) as e:
-        resolve_weights(target)
-    msg = str(e.value)
-    assert "\n" not in msg and "could not download" in msg and "yolov5s.pt" in msg and str(target.resolve()) in msg
-    assert not list(tmp_path.iterdir())  # no .part file left behind
+    for fake in (offline, lambda *a, **k: CutOff()):
+        monkeypatch.setattr(urllib.request, "urlopen", fake)
+        with pytest.raises(UserError) as e:
+            resolve_weights(target)
+        msg = str(e.value)
+        assert "\n" not in msg and "could not download" in msg and str(target.resolve()) in msg
+        assert not list(tmp_path.iterdir())  # neither the weights nor a half-written .part are left behind
