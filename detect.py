@@ -24,10 +24,11 @@ from models.backends import DetectMultiBackend  # noqa: E402
 from models.predictor import Predictor  # noqa: E402
 from utils.annotator import Annotator, colors  # noqa: E402
 from utils.boxes import xyxy2xywh, yolo_label_lines  # noqa: E402
-from utils.errors import report_user_errors  # noqa: E402
+from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.checks import check_line_thickness, check_thresholds  # noqa: E402
 from utils.files import append_text, check_writable, claim_run_dir, increment_path, open_video_writer, safe_name, write_image  # noqa: E402
 from utils.logging import LOGGER, set_verbosity  # noqa: E402
+from utils.slicing import add_slice_arguments, slice_config  # noqa: E402
 from utils.sources import LoadImages, LoadStreams, is_stream  # noqa: E402
 from utils.torch_utils import check_img_size, select_device  # noqa: E402
 from utils.words import plural  # noqa: E402
@@ -193,14 +194,28 @@ def run(
     verbose=True,
     trust_weights=False,
     quiet=False,
+    slice=None,  # noqa: A002 (the --slice option's name)
+    slice_overlap=0.2,
+    slice_batch=8,
+    slice_full=True,
+    slice_merge="nms",
+    slice_merge_iou=0.5,
+    slice_merge_metric="iou",
 ) -> dict:
-    """Detect objects in `source`; returns {'save_dir', 'results': [(path, det tensor n x 6 in original pixels)]}."""
+    """Detect objects in `source`; returns {'save_dir', 'results': [(path, det tensor n x 6 in original pixels)]}.
+
+    `slice` (a tile size in original pixels, 'auto' or a SliceConfig): sliced inference, see utils/slicing.py."""
     source, webcam = str(source), is_stream(str(source))
     verbose = verbose and not quiet
+    slicing = slice_config(slice, slice_overlap, slice_batch, slice_full, slice_merge, slice_merge_iou, slice_merge_metric)
+    if slicing is not None and augment:
+        raise UserError("--slice cannot be combined with --augment: each tile is one plain pass (drop one of them)")
     check_thresholds(conf_thres, iou_thres, max_det)
     check_line_thickness(line_thickness)
     check_writable(project)
     model, imgsz, auto = load_detector(weights, select_device(device), data, half, trust_weights, imgsz, verbose)
+    if slicing is not None:
+        slicing.check(model.stride)
     loader = LoadStreams if webcam else LoadImages
     dataset = loader(source, img_size=imgsz, stride=model.stride, auto=auto, vid_stride=vid_stride)
     model.warmup(imgsz=(1, 3, *imgsz))
@@ -210,7 +225,7 @@ def run(
 
     names = model.names
     predictor = Predictor(model, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, classes=classes,
-                          agnostic=agnostic_nms, augment=augment, half=model.fp16)
+                          agnostic=agnostic_nms, augment=augment, half=model.fp16, slicing=slicing)
     writer = DetectionWriter(save_dir, names, save_img=not nosave, save_txt=save_txt, save_conf=save_conf,
                              save_crop=save_crop, view_img=view_img, line_thickness=line_thickness,
                              hide_labels=hide_labels, hide_conf=hide_conf)
@@ -219,7 +234,11 @@ def run(
     shapes: list[tuple[int, ...]] = []  # the network input shapes that actually ran, for the speed line
     for path, im, im0s, cap, s in dataset:
         infer_before = predictor.times[1]
-        x, dets = predictor.predict(im, [x.shape for x in im0s] if webcam else [im0s.shape])
+        if slicing is None:
+            x, dets = predictor.predict(im, [x.shape for x in im0s] if webcam else [im0s.shape])
+        else:  # tiles are cut from the original frames (RGB, as the letterboxed input is)
+            originals = [np.ascontiguousarray(o[..., ::-1]) for o in (im0s if webcam else [im0s])]
+            x, dets = predictor.predict_images(originals, imgsz, model.stride, model.fixed_imgsz)
         if tuple(x.shape) not in shapes:
             shapes.append(tuple(x.shape))
         for i, det in enumerate(dets):
@@ -230,7 +249,8 @@ def run(
                 p, im0, frame = Path(path), im0s.copy(), getattr(dataset, "frame", 0)
             is_video = cap is not None or webcam
             det[:, :4] = det[:, :4].round()
-            s += "%gx%g " % x.shape[2:] + describe(det, names)
+            s += "%gx%g " % x.shape[2:] + (f"({predictor.last_tiles} tiles) " if predictor.last_tiles else "")
+            s += describe(det, names)
             results.append((str(p) if not is_video else f"{p}:{frame}", det.cpu()))
             fps = (cap.get(cv2.CAP_PROP_FPS) if cap is not None else dataset.fps[i]) if is_video else None
             writer.write(p, im0, im0s[i] if webcam else im0s, det, frame, fps)
@@ -282,6 +302,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vid-stride", type=int, default=1, help="video frame-rate stride")
     parser.add_argument("--trust-weights", action="store_true", help="allow TorchScript weights (loading them runs their code)")
     parser.add_argument("--quiet", action="store_true", help="print only warnings and errors")
+    add_slice_arguments(parser)
     opt = parser.parse_args(argv)
     if isinstance(opt.weights, list) and len(opt.weights) == 1:
         opt.weights = opt.weights[0]

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 
 import val as validate  # noqa: E402
 from engine.evaluate import evaluate  # noqa: E402
+from utils.slicing import parse_slice_size  # noqa: E402
 from engine.guards import CheckpointWriter, StepGuard, TrainingInterrupted  # noqa: E402
 from engine.state import TrainState, build_train_state, checkpoint, strip_checkpoint  # noqa: E402
 from engine.trainer import epoch_rng, reweight_images, train_one_epoch  # noqa: E402
@@ -100,7 +101,7 @@ def end_of_epoch(state: TrainState, epoch: int, mloss: torch.Tensor, lr: list[fl
     final_epoch = (epoch + 1 == opt.epochs) or stopper.possible_stop
     if not opt.noval or final_epoch:
         results = evaluate(state.ema.ema, state.val_loader, state.nc, state.names, single_cls=opt.single_cls,
-                           amp=state.amp, compute_loss=state.compute_loss)
+                           amp=state.amp, compute_loss=state.compute_loss, slicing=state.slicing, imgsz=state.imgsz)
         state.maps = results.maps
     fi = results.fitness
     stop = stopper(epoch=epoch, fitness=fi)
@@ -170,7 +171,8 @@ def finish(state: TrainState, opt: argparse.Namespace, save_dir: Path, data: dic
         # the training val_loader: re-scanning the split would report every bad file a second time
         results = validate.run(data, weights=best, batch_size=state.val_batch, imgsz=state.imgsz,
                                single_cls=opt.single_cls, project=save_dir.parent, name=save_dir.name, exist_ok=True,
-                               plots=not opt.noplots, verbose=True, half=False, dataloader=state.val_loader)
+                               plots=not opt.noplots, verbose=True, half=False, dataloader=state.val_loader,
+                               slice=state.slicing)
     else:  # (the final validation above prints where the results are)
         LOGGER.info(f"Results saved to {colorstr('bold', str(save_dir))}")
     LOGGER.info(next_steps(save_dir, best if best.exists() else last,
@@ -275,12 +277,31 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="global training seed")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the distributed launcher")
     parser.add_argument("--quiet", action="store_true", help="print only warnings, errors, progress and results")
+    g = parser.add_argument_group("slice-aided training (small objects in large images)")
+    g.add_argument("--slice", default=None, metavar="SIZE",
+                   help="train on random SIZE x SIZE tiles (original pixels) resized to --img; 'auto': tiles of --img")
+    g.add_argument("--slice-min-visibility", type=float, default=0.5,
+                   help="keep a box cut by the tile edge when at least this share of it is inside")
+    g.add_argument("--slice-empty", type=float, default=0.1, help="share of tiles without objects that are kept")
     opt = apply_defaults(parser.parse_args(argv))
+    check_train_slicing(opt)
     if opt.batch_size < 1 and opt.batch_size != -1:
         raise UserError(f"--batch-size must be at least 1 (or -1 for AutoBatch), got {opt.batch_size}")
     if opt.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {opt.epochs}")
     return opt
+
+
+def check_train_slicing(opt: argparse.Namespace) -> None:
+    """One clear line for --slice settings that cannot work (the stride check needs the model: engine.state)."""
+    if parse_slice_size(opt.slice) is None:
+        return
+    if opt.rect:
+        raise UserError("--slice trains on square random tiles: it cannot be combined with --rect")
+    if not 0 < opt.slice_min_visibility <= 1:
+        raise UserError(f"--slice-min-visibility must be in (0, 1], got {opt.slice_min_visibility}")
+    if not 0 <= opt.slice_empty <= 1:
+        raise UserError(f"--slice-empty must be in [0, 1], got {opt.slice_empty}")
 
 
 def find_last_run(search_dir: Path = ROOT / "runs") -> Path:

@@ -3,6 +3,7 @@
 Usage:
     python val.py --weights yolov5n.pt --data ../shared/data/coco128/coco128.yaml --img 640
     python val.py --weights best.onnx --data coco.yaml --save-json      # + pycocotools' 12 numbers
+    python val.py --weights best.pt --data deepforest.yaml --slice 640   # sliced, scored on the full-size images
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from engine.evaluate import EvalOutputs, EvalRecord, format_metric, predict_dataset, summarize  # noqa: E402,F401
+from engine.evaluate import (EvalOutputs, EvalRecord, format_metric, predict_dataset, predict_dataset_sliced,  # noqa: E402,F401
+                             summarize)
 from models.backends import DetectMultiBackend  # noqa: E402
 from models.predictor import Predictor  # noqa: E402
 from models.checkpoints import checkpoint_val_settings  # noqa: E402
@@ -31,6 +33,7 @@ from utils.checks import check_thresholds, check_workers  # noqa: E402
 from utils.files import check_writable, increment_path  # noqa: E402
 from utils.logging import LOGGER, set_verbosity  # noqa: E402
 from utils.results import ValResult  # noqa: E402
+from utils.slicing import SliceConfig, add_slice_arguments, slice_config  # noqa: E402
 from utils.torch_utils import check_img_size, select_device  # noqa: E402
 
 TASKS = ("train", "val", "test", "speed", "study")
@@ -119,13 +122,27 @@ def run(
     trust_weights=False,
     quiet=False,
     dataloader=None,
+    coco_max_dets=100,
+    slice=None,  # noqa: A002 (the --slice option's name)
+    slice_overlap=0.2,
+    slice_batch=8,
+    slice_full=True,
+    slice_merge="nms",
+    slice_merge_iou=0.5,
+    slice_merge_metric="iou",
 ) -> ValResult:
     """Evaluate `weights` on the `task` split of `data`; returns a ValResult (metrics, per-class mAP, speed).
 
     `dataloader`: a ready loader of that split (train.py passes its own, so bad files are not reported twice).
+    `slice` (a tile size, 'auto' or a SliceConfig): sliced validation, every metric on the full-size images.
     """
     if task not in TASKS:
         raise UserError(f"--task must be one of {TASKS}, got '{task}'")
+    slicing = slice_config(slice, slice_overlap, slice_batch, slice_full, slice_merge, slice_merge_iou,
+                           slice_merge_metric)
+    check_slice_options(slicing, task=task, save_hybrid=save_hybrid, augment=augment)
+    if coco_max_dets < 1:
+        raise UserError(f"--coco-max-dets must be at least 1, got {coco_max_dets}")
     if weights is None:
         raise UserError("--weights is required")
     check_thresholds(conf_thres, iou_thres, max_det)
@@ -135,6 +152,8 @@ def run(
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     data = check_dataset(data)
     model, imgsz, batch_size = load_val_model(weights, device, half, data, trust_weights, imgsz, batch_size)
+    if slicing is not None:
+        slicing.check(model.stride)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
     model.eval()
     nc = 1 if single_cls else int(data["nc"])
@@ -154,16 +173,37 @@ def run(
     out = EvalOutputs(save_dir=save_dir, plots=plots, save_txt=save_txt, save_conf=save_conf, save_json=save_json,
                       class_map=class_map)
     predictor = Predictor(model, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, multi_label=True,
-                          agnostic=single_cls, augment=augment, half=model.fp16)
-    rec = predict_dataset(predictor, dataloader, nc, names, single_cls=single_cls, save_hybrid=save_hybrid, out=out)
+                          agnostic=single_cls, augment=augment, half=model.fp16, slicing=slicing)
+    if slicing is None:
+        rec = predict_dataset(predictor, dataloader, nc, names, single_cls=single_cls, save_hybrid=save_hybrid, out=out,
+                              coco_max_dets=coco_max_dets)
+    else:
+        LOGGER.info(f"Sliced validation: {slicing.size} px tiles, overlap {slicing.overlap}, run at --img {imgsz}"
+                    f"{' plus the whole image' if slicing.full else ''}, merged by {slicing.merge} "
+                    f"({slicing.merge_metric} > {slicing.merge_iou}); metrics on the full-size images and labels")
+        rec = predict_dataset_sliced(predictor, dataloader.dataset, nc, names, imgsz=imgsz, stride=model.stride,
+                                     fixed_shape=model.fixed_imgsz, single_cls=single_cls, out=out,
+                                     coco_max_dets=coco_max_dets)
     result = summarize(rec, names, plots=plots, save_dir=save_dir, verbose=verbose, per_class=nc < 50, task=task)
-    print(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(batch_size, 3, imgsz, imgsz)}"
-          % result.speed)
+    shape = f"tiles at {imgsz}" if slicing is not None else str((batch_size, 3, imgsz, imgsz))
+    print(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % result.speed)
     if save_json and len(rec.jdict):
         pycocotools_check(result, rec, data, names, weights, save_dir, class_map)
     n = len(list(save_dir.glob("labels/*.txt")))
     LOGGER.info(f"Results saved to {save_dir}" + (f"\n{n} labels saved to {save_dir / 'labels'}" if save_txt else ""))
     return result
+
+
+def check_slice_options(slicing: SliceConfig | None, *, task: str = "val", save_hybrid: bool = False,
+                        augment: bool = False) -> None:
+    """One clear line for an option sliced validation cannot honour."""
+    if slicing is None:
+        return
+    clash = [name for name, on in (("--save-hybrid", save_hybrid), ("--augment", augment),
+                                   (f"--task {task}", task in ("speed", "study"))) if on]
+    if clash:
+        raise UserError(f"--slice cannot be combined with {', '.join(clash)}: sliced validation predicts each full-size "
+                        f"image tile by tile (drop {clash[0]} or --slice)")
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
@@ -193,6 +233,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference (CUDA only)")
     parser.add_argument("--trust-weights", action="store_true", help="allow TorchScript weights (loading them runs their code)")
     parser.add_argument("--quiet", action="store_true", help="print only warnings, errors and the results table")
+    parser.add_argument("--coco-max-dets", type=int, default=100,
+                        help="detections per image the COCO APs count (COCO's 100; raise it for crowded images)")
+    add_slice_arguments(parser)
     opt = parser.parse_args(argv)
     opt.save_txt |= opt.save_hybrid
     if opt.batch_size is not None and opt.batch_size < 1:

@@ -2,9 +2,12 @@
 
 `evaluate()` is what val.py runs after preparing a model and a loader, and what training runs after each
 epoch on the EMA model. It never changes the precision of the model it is given (on CUDA it autocasts).
+`predict_dataset_sliced()` is the loop of sliced validation (--slice): each image at full resolution, tile by
+tile, matched against its labels in the image's own pixels.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,6 +19,7 @@ from tqdm import tqdm
 from models.predictor import Predictor
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh, yolo_label_lines
 from utils.coco import COCOStyleEvaluator, append_predictions
+from utils.dataset import read_image
 from utils.files import append_text
 from utils.logging import LOGGER
 from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions
@@ -106,10 +110,10 @@ def _plot_batch(batch_i: int, im, targets, paths, dets: list[torch.Tensor], save
 
 def predict_dataset(predictor: Predictor, dataloader, nc: int, names: dict, *, single_cls: bool = False,
                     save_hybrid: bool = False, compute_loss: Callable | None = None,
-                    out: EvalOutputs | None = None) -> EvalRecord:
+                    out: EvalOutputs | None = None, coco_max_dets: int = 100) -> EvalRecord:
     """The prediction loop: every batch through the predictor, every image's detections matched to its labels."""
     out = out or EvalOutputs()
-    rec = EvalRecord(nc=nc)
+    rec = EvalRecord(nc=nc, coco=COCOStyleEvaluator(max_dets=coco_max_dets))
     device = predictor.device
     rec.loss = torch.zeros(3, device=device)
     iouv = IOU_THRESHOLDS.to(device)
@@ -129,6 +133,43 @@ def predict_dataset(predictor: Predictor, dataloader, nc: int, names: dict, *, s
         if out.plots and batch_i < 3:
             _plot_batch(batch_i, x, targets, paths, dets, out.save_dir, names)
     rec.loss = rec.loss.cpu() / max(len(dataloader), 1)
+    rec.speed = tuple(x / max(rec.seen, 1) * 1e3 for x in predictor.times)
+    return rec
+
+
+def predict_dataset_sliced(predictor: Predictor, dataset, nc: int, names: dict, *, imgsz: int, stride: int,
+                           fixed_shape=None, single_cls: bool = False, out: EvalOutputs | None = None,
+                           coco_max_dets: int = 100) -> EvalRecord:
+    """Sliced validation: every image of `dataset` (a LoadImagesAndLabels) read at full resolution, predicted
+    tile by tile by `predictor` (which has a `slicing`), and matched with its untouched labels in original pixels.
+    No losses: the tiles have no training targets. An unreadable image is reported and skipped."""
+    out = out or EvalOutputs()
+    rec = EvalRecord(nc=nc, coco=COCOStyleEvaluator(max_dets=coco_max_dets))
+    device = predictor.device
+    iouv = IOU_THRESHOLDS.to(device)
+    skipped = 0
+    for i, f in enumerate(tqdm(dataset.im_files, desc=HEADER, bar_format="{l_bar}{bar:10}{r_bar}")):
+        im = read_image(f)
+        if im is None:
+            LOGGER.warning(f"cannot read image {f}, skipped")
+            skipped += 1
+            continue
+        t0 = time.perf_counter()
+        im = np.ascontiguousarray(im[..., ::-1])  # the model takes RGB, as the loader gives it
+        predictor.times[0] += time.perf_counter() - t0
+        _, pred = predictor.predict_sliced(im, imgsz, stride, fixed_shape)
+        h, w = im.shape[:2]
+        labels = torch.as_tensor(np.asarray(dataset.labels[i], dtype=np.float32).reshape(-1, 5), device=device).clone()
+        labels[:, 1:] *= torch.tensor((w, h, w, h), device=device)  # cls, cx, cy, w, h in original pixels
+        identity = ((1.0, 1.0), (0.0, 0.0))  # predictions and labels are both in original pixels already
+        if out.plots and i < 3:
+            x = torch.from_numpy(im.transpose(2, 0, 1).copy())[None]
+            targets = torch.cat((torch.zeros((len(labels), 1), device=device), labels), 1)
+            _plot_batch(i, x, targets.cpu(), [f], [pred.cpu()], out.save_dir, names)
+        _record_image(rec, pred, labels, (h, w), (h, w), identity, Path(f), out, single_cls, iouv)
+    if skipped:
+        LOGGER.warning(f"{skipped} of {len(dataset.im_files)} images could not be read and were skipped")
+    rec.loss = torch.zeros(3)
     rec.speed = tuple(x / max(rec.seen, 1) * 1e3 for x in predictor.times)
     return rec
 
@@ -159,7 +200,7 @@ def summarize(rec: EvalRecord, names: dict, *, plots: bool = False, save_dir: Pa
             print(ROW % (names[c], rec.seen, nt[c], *((p[i], r[i], ap50[i], ap[i]) if i is not None else (0, 0, 0, 0))))
     fmt = format_metric
     print(f"{'Small objects (COCO areas)':>22}   APs {fmt(area['APs'])}   APm {fmt(area['APm'])}   APl {fmt(area['APl'])}"
-          f"   (AP {fmt(area['AP'])}, AP50 {fmt(area['AP50'])}, COCO-style 101-point, maxDets 100)")
+          f"   (AP {fmt(area['AP'])}, AP50 {fmt(area['AP50'])}, COCO-style 101-point, maxDets {rec.coco.max_dets})")
     if plots:
         rec.confusion.plot(save_dir=save_dir, names=list(names.values()))
 
@@ -174,10 +215,17 @@ def summarize(rec: EvalRecord, names: dict, *, plots: bool = False, save_dir: Pa
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataloader, nc: int, names: dict, *, conf_thres: float = 0.001,
              iou_thres: float = 0.6, max_det: int = 300, single_cls: bool = False, amp: bool = False,
-             compute_loss: Callable | None = None, verbose: bool = False) -> ValResult:
-    """Validation during training: `model` (the EMA) is evaluated as it is, autocast on CUDA when `amp`."""
+             compute_loss: Callable | None = None, verbose: bool = False, slicing=None,
+             imgsz: int = 640) -> ValResult:
+    """Validation during training: `model` (the EMA) is evaluated as it is, autocast on CUDA when `amp`.
+    With `slicing` (a utils.slicing.SliceConfig) the loader's images are validated sliced at full resolution."""
     model.eval()
     predictor = Predictor(model, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, multi_label=True,
-                          agnostic=single_cls, amp=amp)
-    rec = predict_dataset(predictor, dataloader, nc, names, single_cls=single_cls, compute_loss=compute_loss)
+                          agnostic=single_cls, amp=amp, slicing=slicing)
+    if slicing is not None:
+        stride = int(max(model.stride)) if hasattr(model, "stride") else 32
+        rec = predict_dataset_sliced(predictor, dataloader.dataset, nc, names, imgsz=imgsz, stride=stride,
+                                     single_cls=single_cls)
+    else:
+        rec = predict_dataset(predictor, dataloader, nc, names, single_cls=single_cls, compute_loss=compute_loss)
     return summarize(rec, names, verbose=verbose)

@@ -27,6 +27,7 @@ from utils.loss import ComputeLoss, scale_loss_gains
 from utils.optim import ModelEMA, linear_lr, one_cycle, smart_optimizer, warmup_iterations
 from utils.plots import plot_labels
 from utils.sampling import labels_to_class_weights
+from utils.slicing import SliceConfig, parse_slice_size
 from utils.torch_utils import LOCAL_RANK, RANK, WORLD_SIZE, check_img_size, de_parallel, describe_transfer, intersect_dicts
 
 NOMINAL_BATCH = 64  # gradients accumulate up to it and weight decay scales with it (YOLOv5's nbs)
@@ -56,6 +57,7 @@ class TrainState:
     amp: bool
     epochs: int
     accumulate: int = 1
+    slicing: SliceConfig | None = None  # train.py --slice: validation is sliced with the training tile size
     nw: int = 0  # warm-up iterations
     start_epoch: int = 0
     best_fitness: float = 0.0
@@ -120,6 +122,16 @@ def freeze_layers(model: nn.Module, freeze: list[int]) -> None:
             v.requires_grad = False
 
 
+def train_tile_size(opt: argparse.Namespace, imgsz: int, gs: int) -> int | None:
+    """train.py --slice: the side of the random training tiles ('auto': --img, objects at native scale)."""
+    size = parse_slice_size(getattr(opt, "slice", None))
+    if size == "auto":
+        return imgsz
+    if size is not None and size < gs:
+        raise UserError(f"--slice {size} is below the model stride {gs}: use a tile size >= {gs}, e.g. 640")
+    return size
+
+
 def build_loaders(opt: argparse.Namespace, hyp: dict, data: dict, imgsz: int, batch_size: int, val_batch: int,
                   gs: int, nc: int):
     """The training loader (every rank) and the validation loader (the saving rank only)."""
@@ -127,6 +139,8 @@ def build_loaders(opt: argparse.Namespace, hyp: dict, data: dict, imgsz: int, ba
         data["train"], imgsz, batch_size // WORLD_SIZE, gs, opt.single_cls, hyp=hyp, augment=True, cache=opt.cache,
         rect=opt.rect, rank=LOCAL_RANK, workers=opt.workers, image_weights=opt.image_weights, quad=opt.quad,
         prefix=colorstr("train: "), shuffle=True, seed=opt.seed, nc=int(data["nc"]),
+        slice_size=train_tile_size(opt, imgsz, gs), slice_min_visibility=getattr(opt, "slice_min_visibility", 0.5),
+        slice_empty_keep=getattr(opt, "slice_empty", 0.1),
     )
     labels = np.concatenate([x for x in dataset.labels if len(x)], 0) if any(len(x) for x in dataset.labels) else np.zeros((0, 5))
     if len(labels) and int(labels[:, 0].max()) >= nc:
@@ -173,6 +187,8 @@ def build_train_state(opt: argparse.Namespace, hyp: dict, data: dict, names: dic
         state.model = nn.SyncBatchNorm.convert_sync_batchnorm(state.model).to(device)
         LOGGER.info("Using SyncBatchNorm()")
     state.train_loader, state.val_loader, labels = build_loaders(opt, hyp, data, imgsz, batch_size, state.val_batch, gs, nc)
+    tile = state.dataset.slice_size
+    state.slicing = SliceConfig(size=tile).check(gs) if tile else None
     if RANK in {-1, 0} and resume_ckpt is None:
         if not opt.noautoanchor:
             check_anchors(state.dataset, model=state.model, thr=hyp["anchor_t"], imgsz=imgsz)

@@ -41,7 +41,7 @@ def reweight_images(state: TrainState, rng: random.Random) -> None:
     dataset = state.dataset
     cw = de_parallel(state.model).class_weights.cpu().numpy() * (1 - state.maps) ** 2 / state.nc
     iw = labels_to_image_weights(dataset.labels, nc=state.nc, class_weights=cw)
-    dataset.indices = rng.choices(range(dataset.n), weights=iw, k=dataset.n)
+    dataset.indices = rng.choices(range(dataset.n), weights=iw, k=len(dataset.indices))
 
 
 def _optimizer_step(state: TrainState, guard: StepGuard, epoch: int, i: int) -> bool:

@@ -25,6 +25,7 @@ from models.predictor import Predictor
 from utils.boxes import xyxy2xywh
 from utils.errors import UserError
 from utils.files import increment_path, safe_name, write_image
+from utils.slicing import SliceConfig, slice_config
 
 
 def _read_image(im, i: int) -> tuple[np.ndarray, str]:
@@ -91,8 +92,12 @@ class AutoShape(nn.Module):
         return getattr(self.model, "device", torch.device("cpu")), torch.half if getattr(self.model, "fp16", False) else torch.float
 
     @torch.no_grad()
-    def forward(self, ims, size: int | tuple = 640, augment: bool = False, profile: bool = False):
-        """Detect objects in `ims`; returns a Detections object (or the raw output for a tensor input)."""
+    def forward(self, ims, size: int | tuple = 640, augment: bool = False, profile: bool = False,
+                slice: int | str | SliceConfig | None = None, **slice_options):  # noqa: A002
+        """Detect objects in `ims`; returns a Detections object (or the raw output for a tensor input).
+
+        `slice`: sliced inference, tiles of that many original pixels ('auto' picks), run at `size`;
+        `slice_options`: overlap, batch, full, merge, merge_iou, merge_metric (see utils.slicing.SliceConfig)."""
         device, dtype = self._device_dtype()
         t0 = time.perf_counter()
         if isinstance(ims, torch.Tensor):  # already a batch: no pre-processing, raw model output
@@ -103,6 +108,11 @@ class AutoShape(nn.Module):
         if not batch:
             raise UserError("no images given")
         size = (size, size) if isinstance(size, int) else tuple(size)
+        slicing = slice_config(slice, **slice_options)
+        if slicing is not None:
+            if augment:
+                raise UserError("slice cannot be combined with augment: each tile is one plain pass")
+            slicing.check(int(self.stride))
         images, files = [], []
         for i, im in enumerate(batch):
             im, name = _read_image(im, i)
@@ -110,7 +120,7 @@ class AutoShape(nn.Module):
             files.append(Path(name).with_suffix(".jpg").name)
         predictor = Predictor(self.model, conf_thres=self.conf, iou_thres=self.iou, max_det=self.max_det,
                               classes=self.classes, agnostic=self.agnostic, multi_label=self.multi_label,
-                              augment=augment, half=dtype == torch.half, amp=self.amp)
+                              augment=augment, half=dtype == torch.half, amp=self.amp, slicing=slicing)
         t_read = time.perf_counter()
         x, pred = predictor.predict_images(images, size, self.stride, self.fixed_imgsz)
         t1 = t_read + predictor.times[0]

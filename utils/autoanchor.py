@@ -29,8 +29,11 @@ def _ratio_metric(k: torch.Tensor, wh: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _label_wh(dataset: Any, img_size: int, scale: np.ndarray | None = None) -> np.ndarray:
-    """Label widths/heights in pixels after resizing each image so its long side is img_size."""
-    shapes = img_size * dataset.shapes / dataset.shapes.max(1, keepdims=True)
+    """Label widths/heights in pixels after resizing each image so its long side is img_size (with slicing,
+    each tile of min(slice_size, long side) pixels: the scale training and sliced inference see objects at)."""
+    long_side = dataset.shapes.max(1, keepdims=True)
+    tile = getattr(dataset, "slice_size", None)
+    shapes = img_size * dataset.shapes / (np.minimum(long_side, tile) if tile else long_side)
     if scale is not None:
         shapes = shapes * scale
     parts = [lb[:, 3:5] * s for s, lb in zip(shapes, dataset.labels) if len(lb)]

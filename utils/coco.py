@@ -221,13 +221,16 @@ class COCOStyleEvaluator:
 
     Feed one image at a time with update(); boxes are xyxy in original-image pixels, a box's area is w*h and every
     ground truth is non-crowd (YOLO labels carry no crowd flag). `area_ranges` adds named ranges {name: (lo, hi)}
-    in pixels^2, reported as AP_<name>.
+    in pixels^2, reported as AP_<name>. `max_dets`: the detections per image AP is computed over (COCO's 100;
+    raise it for images with more objects than that, such as aerial tree or car counts).
     """
 
     STAT_KEYS = STAT_NAMES
 
-    def __init__(self, area_ranges: Mapping[str, tuple[float, float]] | None = None, backend: str = "auto"):
+    def __init__(self, area_ranges: Mapping[str, tuple[float, float]] | None = None, backend: str = "auto",
+                 max_dets: int = 100):
         self.area_ranges = dict(area_ranges or {})
+        self.max_dets = int(max_dets)
         self.backend = backend
         self._images: dict[object, tuple[np.ndarray, ...]] = {}
 
@@ -287,6 +290,8 @@ class COCOStyleEvaluator:
                 coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
                 coco_dt.createIndex()
             ev = COCOeval(coco_gt, coco_dt, "bbox")
+            if self.max_dets != 100:
+                ev.params.maxDets = [1, 10, self.max_dets]
             ev.params.areaRng = list(ev.params.areaRng) + [list(r) for r in self.area_ranges.values()]
             ev.params.areaRngLbl = list(ev.params.areaRngLbl) + list(self.area_ranges)
             ev.evaluate()

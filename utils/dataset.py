@@ -2,6 +2,10 @@
 
 Augmentation randomness is seeded per item from (seed, epoch, index) -- see set_epoch -- so a resumed run
 sees the same samples as an uninterrupted one.
+
+With `slice_size` (train.py --slice) every sample is a random tile of that many original pixels
+(utils.slicing.sample_tile), resized to img_size, instead of the whole image shrunk to img_size: the model
+learns objects at the scale sliced inference will show them. Mosaic is then built from four tiles.
 """
 from __future__ import annotations
 
@@ -25,11 +29,12 @@ from utils.boxes import xyn2xy, xywhn2xyxy, xyxy2xywhn
 from utils.errors import UserError
 from utils.labels import NUM_THREADS, img2label_paths, is_writeable, load_labels
 from utils.logging import LOGGER
+from utils.slicing import sample_tile
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _imread(f: str) -> np.ndarray | None:
+def read_image(f: str) -> np.ndarray | None:
     """cv2.imread that returns None instead of raising on a decoder error (huge declared sizes)."""
     try:
         return cv2.imread(f)
@@ -69,8 +74,13 @@ class LoadImagesAndLabels(Dataset):
         prefix: str = "",
         nc: int | None = None,
         seed: int = 0,
+        slice_size: int | None = None,
+        slice_min_visibility: float = 0.5,
+        slice_empty_keep: float = 0.1,
     ):
         self.img_size = img_size
+        # tiles of the original images instead of whole images (whole images are then loaded at full size)
+        self.slice_size, self.slice_min_visibility, self.slice_empty_keep = slice_size, slice_min_visibility, slice_empty_keep
         self.augment = augment
         self.hyp = hyp or {}
         self.image_weights = image_weights
@@ -82,6 +92,8 @@ class LoadImagesAndLabels(Dataset):
         self.seed = seed
         if augment and not hyp:
             raise UserError(f"{prefix}augment=True needs hyperparameters (hyp)")
+        if slice_size and rect:
+            raise UserError(f"{prefix}--slice trains on square tiles: it cannot be combined with --rect")
 
         cache, self.cache_path = load_labels(path, nc, prefix)
         self.im_files: list[str] = cache["im_files"]
@@ -104,7 +116,7 @@ class LoadImagesAndLabels(Dataset):
         self.mosaic = bool(augment and not self.rect)
         # Shared memory, so that persistent loader workers see what the main process sets each epoch: the
         # re-weighted indices (--image-weights) and the epoch that seeds the augmentations (set_epoch).
-        self._indices = torch.arange(n, dtype=torch.int64).share_memory_()
+        self._indices = torch.as_tensor(self._sample_images(), dtype=torch.int64).share_memory_()
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
 
         self.ims: list[np.ndarray | None] = [None] * n
@@ -117,6 +129,15 @@ class LoadImagesAndLabels(Dataset):
             self._cache_images(cache_images)
         elif cache_images:
             raise UserError(f"{prefix}cache_images must be 'ram', 'disk' or None, got {cache_images!r}")
+
+    def _sample_images(self) -> np.ndarray:
+        """The image of each item of an epoch: every image once, or with slicing once per tile of a grid over it
+        (so an epoch covers about the whole area of the data, a random tile at a time)."""
+        if not self.slice_size:
+            return np.arange(self.n)
+        s = self.slice_size
+        tiles = [math.ceil(w / s) * math.ceil(h / s) for w, h in self.shapes]
+        return np.repeat(np.arange(self.n), tiles)
 
     def _select(self, idx: Sequence[int]) -> None:
         self.im_files = [self.im_files[i] for i in idx]
@@ -151,7 +172,7 @@ class LoadImagesAndLabels(Dataset):
     def indices(self, value: Sequence[int]) -> None:
         v = torch.as_tensor(np.asarray(value, dtype=np.int64))
         if v.shape != self._indices.shape:
-            raise ValueError(f"indices must have {self.n} entries, got {tuple(v.shape)}")
+            raise ValueError(f"indices must have {len(self._indices)} entries, got {tuple(v.shape)}")
         self._indices.copy_(v)
 
     @property
@@ -193,10 +214,10 @@ class LoadImagesAndLabels(Dataset):
         sample = random.Random(self.seed).sample(range(self.n), min(self.n, 30))
         b = 0
         for i in sample:
-            im = _imread(self.im_files[i])
+            im = read_image(self.im_files[i])
             if im is None:
                 continue
-            r = self.img_size / max(im.shape[:2])
+            r = 1 if self.slice_size else self.img_size / max(im.shape[:2])
             b += im.nbytes * r**2
         need = b * self.n / max(len(sample), 1)
         avail = psutil.virtual_memory().available
@@ -208,7 +229,7 @@ class LoadImagesAndLabels(Dataset):
     def _save_npy(self, i: int) -> int:
         f = self.npy_files[i]
         if not f.exists():
-            im = _imread(self.im_files[i])
+            im = read_image(self.im_files[i])
             if im is None:
                 return 0
             f.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +237,8 @@ class LoadImagesAndLabels(Dataset):
         return f.stat().st_size
 
     def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-        """Image i as BGR, resized so its long side is img_size; returns (im, (h0, w0), (h, w))."""
+        """Image i as BGR, resized so its long side is img_size (kept at full size when slicing: the tiles are
+        cut from it); returns (im, (h0, w0), (h, w))."""
         im = self.ims[i]
         if im is not None:
             return im, self.im_hw0[i], self.im_hw[i]
@@ -224,16 +246,38 @@ class LoadImagesAndLabels(Dataset):
         if fn is not None and fn.exists():
             im = np.load(fn, allow_pickle=False)
         else:
-            im = _imread(self.im_files[i])
+            im = read_image(self.im_files[i])
             if im is None:
                 raise UserError(f"{self.prefix}cannot read image {self.im_files[i]}")
         h0, w0 = im.shape[:2]
-        r = self.img_size / max(h0, w0)
+        r = 1 if self.slice_size else self.img_size / max(h0, w0)
         if r != 1:
             # area averaging shrinks cleanly for validation; linear is faster and fine under augmentation
             interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
             im = cv2.resize(im, (math.ceil(w0 * r), math.ceil(h0 * r)), interpolation=interp)
         return im, (h0, w0), im.shape[:2]
+
+    def load_sample(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int], np.ndarray, list]:
+        """(image, (h0, w0), (h, w), labels [cls, cx, cy, w, h] normalised to it, segments) for item i: the
+        whole image, or with slicing a random tile of it (boxes clipped, kept at slice_min_visibility)."""
+        img, hw0, hw = self.load_image(i)
+        if not self.slice_size:
+            return img, hw0, hw, self.labels[i].copy(), [x.copy() for x in self.segments[i]]
+        h0, w0 = hw0
+        labels = self.labels[i]
+        boxes = xywhn2xyxy(labels[:, 1:5], w0, h0) if len(labels) else np.zeros((0, 4))
+        (x1, y1, x2, y2), clipped, kept = sample_tile(random, hw0, boxes, self.slice_size, self.slice_min_visibility,
+                                                      self.slice_empty_keep)
+        tile = img[y1:y2, x1:x2]
+        th, tw = tile.shape[:2]
+        tile_labels = np.zeros((len(kept), 5), dtype=np.float32)
+        if len(kept):
+            tile_labels[:, 0] = labels[kept, 0]
+            tile_labels[:, 1:] = xyxy2xywhn(clipped, tw, th)
+        r = self.img_size / max(th, tw)
+        if r != 1:
+            tile = cv2.resize(tile, (math.ceil(tw * r), math.ceil(th * r)), interpolation=cv2.INTER_LINEAR)
+        return tile, (th, tw), tile.shape[:2], tile_labels, []  # polygons are not clipped to tiles: boxes only
 
     def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """4 images around a random centre on a 2s x 2s canvas, then warped/cropped to s x s."""
@@ -244,7 +288,7 @@ class LoadImagesAndLabels(Dataset):
         labels4, segments4 = [], []
         img4 = None
         for i, j in enumerate(idx):
-            img, _, (h, w) = self.load_image(j)
+            img, _, (h, w), labels, segments = self.load_sample(j)
             if img4 is None:
                 img4 = np.full((s * 2, s * 2, img.shape[2]), 114, dtype=np.uint8)
             if i == 0:  # top left: image's bottom-right corner at the centre
@@ -261,8 +305,6 @@ class LoadImagesAndLabels(Dataset):
                 x1b, y1b, x2b, y2b = 0, 0, min(w, x2a - x1a), min(y2a - y1a, h)
             img4[y1a:y2a, x1a:x2a] = img[y1b:y2b, x1b:x2b]
             padw, padh = x1a - x1b, y1a - y1b
-            labels = self.labels[j].copy()
-            segments = [x.copy() for x in self.segments[j]]
             if labels.size:
                 labels[:, 1:] = xywhn2xyxy(labels[:, 1:], w, h, padw, padh)
                 segments = [xyn2xy(x, w, h, padw, padh) for x in segments]
@@ -282,7 +324,7 @@ class LoadImagesAndLabels(Dataset):
 
     # ----- items ------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return self.n
+        return len(self._indices)
 
     def __getitem__(self, index: int):
         """(image uint8 tensor 3xHxW RGB, labels (n, 6) [0, cls, cx, cy, w, h] normalised, file, shapes)."""
@@ -305,11 +347,10 @@ class LoadImagesAndLabels(Dataset):
             if random.random() < hyp.get("mixup", 0.0):
                 img, labels = mixup(img, labels, *self.load_mosaic(int(random.choice(self.indices))))
         else:
-            img, (h0, w0), (h, w) = self.load_image(index)
+            img, (h0, w0), (h, w), labels, _ = self.load_sample(index)
             shape = self.batch_shapes[self.batch[index]] if self.rect else self.img_size
             img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment)
             shapes = (h0, w0), ((h / h0, w / w0), pad)  # what val needs to map boxes back to the original
-            labels = self.labels[index].copy()
             if labels.size:
                 labels[:, 1:] = xywhn2xyxy(labels[:, 1:], ratio[0] * w, ratio[1] * h, padw=pad[0], padh=pad[1])
             if self.augment:

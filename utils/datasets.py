@@ -93,6 +93,9 @@ def create_dataloader(
     shuffle: bool = False,
     seed: int = 0,
     nc: int | None = None,
+    slice_size: int | None = None,
+    slice_min_visibility: float = 0.5,
+    slice_empty_keep: float = 0.1,
 ) -> tuple[EpochDataLoader, LoadImagesAndLabels]:
     """Dataset plus an EpochDataLoader with persistent workers (DistributedSampler under DDP); the shuffle order
     and the augmentations depend only on (seed, epoch[, rank]): call loader.set_epoch(epoch) before each epoch."""
@@ -116,6 +119,9 @@ def create_dataloader(
             prefix=prefix,
             nc=nc,
             seed=seed,
+            slice_size=slice_size,
+            slice_min_visibility=slice_min_visibility,
+            slice_empty_keep=slice_empty_keep,
         )
     batch_size = min(batch_size, len(dataset))
     nd = torch.cuda.device_count()
