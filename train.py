@@ -123,7 +123,8 @@ def run_epochs(state: TrainState, opt: argparse.Namespace, save_dir: Path, write
     results, epoch, trained = ValResult(), state.start_epoch, 0
     try:
         # printed once last.pt exists and Ctrl-C saves it: from here on a run can always be resumed
-        LOGGER.info(f"Image sizes {state.imgsz} train, {state.imgsz} val\n"
+        tiles = f" (random {state.dataset.slice_size}-px tiles; sliced validation)" if state.slicing else ""
+        LOGGER.info(f"Image sizes {state.imgsz} train, {state.imgsz} val{tiles}\n"
                     f"Using {state.train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
                     f"Logging results to {colorstr('bold', str(save_dir))}\nStarting training for {opt.epochs} epochs...")
         for epoch in range(state.start_epoch, opt.epochs):
@@ -176,7 +177,8 @@ def finish(state: TrainState, opt: argparse.Namespace, save_dir: Path, data: dic
     else:  # (the final validation above prints where the results are)
         LOGGER.info(f"Results saved to {colorstr('bold', str(save_dir))}")
     LOGGER.info(next_steps(save_dir, best if best.exists() else last,
-                           state.val_loader.dataset.im_files if state.val_loader else [], state.imgsz))
+                           state.val_loader.dataset.im_files if state.val_loader else [], state.imgsz,
+                           state.dataset.slice_size))
     return results
 
 
@@ -215,14 +217,15 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> ValResult
     return results
 
 
-def next_steps(save_dir: Path, weights: Path, val_images: list, imgsz: int) -> str:
+def next_steps(save_dir: Path, weights: Path, val_images: list, imgsz: int, tile: int | None = None) -> str:
     """Where the run's files are, and the command that draws the trained model's detections."""
     plots = sorted(p.name for p in save_dir.glob("*.png"))
     lines = [f"Weights: {weights.parent}/ ({', '.join(sorted(p.name for p in weights.parent.glob('*.pt')))})"]
     if plots:
         lines.append(f"Plots: {save_dir}/ ({', '.join(plots[:4])}{', ...' if len(plots) > 4 else ''})")
     if val_images:
-        lines.append(f"See its detections: python detect.py --weights {weights} --img {imgsz} --source {val_images[0]}")
+        sliced = f" --slice {tile}" if tile else ""
+        lines.append(f"See its detections: python detect.py --weights {weights} --img {imgsz}{sliced} --source {val_images[0]}")
     return "\n".join(lines)
 
 

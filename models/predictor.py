@@ -24,7 +24,7 @@ import torch.nn as nn
 from utils.augmentations import letterbox
 from utils.boxes import scale_boxes
 from utils.nms import non_max_suppression
-from utils.slicing import SliceConfig, cut_edges, merge_detections, tile_windows
+from utils.slicing import SliceConfig, merge_detections, tile_windows
 
 
 class Predictor:
@@ -144,24 +144,22 @@ class Predictor:
         if len(windows) == 1:
             x, dets = self._predict_letterboxed([image], size, stride, fixed_shape)
             return x, dets[0]
-        parts, cuts, owners = [], [], []
+        parts, wins = [], []
         for start in range(0, len(windows), cfg.batch):
             chunk = windows[start:start + cfg.batch]
             x, dets = self._predict_letterboxed([image[y1:y2, x1:x2] for x1, y1, x2, y2 in chunk], size, stride,
                                                 pass_shape)
-            for k, (win, det) in enumerate(zip(chunk, dets)):
+            for win, det in zip(chunk, dets):
                 det[:, [0, 2]] += float(win[0])
                 det[:, [1, 3]] += float(win[1])
                 parts.append(det)
-                cuts.append(cut_edges(det[:, :4], win, (h, w)))
-                owners.append(torch.full((len(det),), start + k, dtype=torch.int64))
+                wins.append(torch.tensor(win, dtype=det.dtype, device=det.device).expand(len(det), 4))
         if cfg.full:
             _, (det,) = self._predict_letterboxed([image], size, stride, pass_shape)
             parts.append(det)
-            cuts.append(torch.zeros((len(det), 4), dtype=torch.bool, device=det.device))
-            owners.append(torch.full((len(det),), -1, dtype=torch.int64))
+            wins.append(torch.tensor([0, 0, w, h], dtype=det.dtype, device=det.device).expand(len(det), 4))
         t0 = time.perf_counter()
-        merged = merge_detections(torch.cat(parts), torch.cat(cuts), torch.cat(owners), method=cfg.merge,
+        merged = merge_detections(torch.cat(parts), torch.cat(wins), (h, w), method=cfg.merge,
                                   threshold=cfg.merge_iou, metric=cfg.merge_metric, agnostic=self.agnostic,
                                   max_det=self.max_det)
         self.times[2] += time.perf_counter() - t0

@@ -57,6 +57,9 @@ def test_cut_edges_only_on_inner_tile_borders():
     assert cut.tolist() == [[False, False, False, False], [False, False, True, False], [False, False, False, False]]
     cut = cut_edges(boxes, (0, 0, 600, 600), (1000, 1000))
     assert cut[1].tolist() == [False, False, True, False] and not cut[0].any()
+    per_box = cut_edges(boxes, None, (1000, 1000), windows=torch.tensor([[0.0, 0, 600, 600], [0, 0, 1000, 1000],
+                                                                         [100, 100, 500, 500]]))
+    assert per_box.tolist() == [[False] * 4, [False] * 4, [True, True, False, False]]
 
 
 # ----- merging ---------------------------------------------------------------------------------------------------
@@ -64,13 +67,16 @@ def _det(rows):
     return torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
 
 
+def _wins(*rows):
+    return torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
+
+
 def test_merge_joins_an_object_split_by_a_border_without_overlap():
-    # tiles [0, 500) and [500, 1000): an object at x 450..550 comes back as two pieces touching at x=500
+    # tiles [0, 500) and [500, 1000) of a 500 x 1000 image: an object at x 450..550 comes back as two pieces
     det = _det([[450, 100, 500, 160, 0.9, 0], [500, 101, 550, 160, 0.8, 0]])
-    cut = torch.tensor([[False, False, True, False], [True, False, False, False]])
-    owner = torch.tensor([0, 1])
+    wins = _wins([0, 0, 500, 500], [500, 0, 1000, 500])
     assert len(nms(det[:, :4], det[:, 4], 0.5)) == 2  # plain NMS keeps both pieces: the border rule is needed
-    out = merge_detections(det, cut, owner, method="nms")
+    out = merge_detections(det, wins, (500, 1000), method="nms")
     assert out.shape == (1, 6)
     assert out[0, :4].tolist() == [450, 100, 550, 160] and out[0, 4] == pytest.approx(0.9)
 
@@ -78,37 +84,45 @@ def test_merge_joins_an_object_split_by_a_border_without_overlap():
 def test_merge_takes_a_cut_piece_into_the_whole_object_from_the_overlapping_tile():
     # tiles [0, 600) and [400, 1000): tile 0 sees 520..600 of an object at 520..640 that tile 1 sees whole
     det = _det([[520, 50, 600, 90, 0.95, 3], [520, 50, 640, 90, 0.7, 3]])
-    cut = torch.tensor([[False, False, True, False], [False, False, False, False]])
-    out = merge_detections(det, cut, torch.tensor([0, 1]), method="nms", threshold=0.5)
+    wins = _wins([0, 0, 600, 600], [400, 0, 1000, 600])
+    out = merge_detections(det, wins, (600, 1000), method="nms", threshold=0.5)
     assert out.shape == (1, 6) and out[0, :4].tolist() == [520, 50, 640, 90] and out[0, 5] == 3
+
+
+def test_merge_never_grows_a_piece_into_an_unrelated_box():
+    # a piece cut at x=600 inside a much taller box of the other tile: not that box seen from the piece's tile
+    det = _det([[560, 100, 600, 140, 0.9, 0], [540, 20, 660, 300, 0.3, 0]])
+    wins = _wins([0, 0, 600, 600], [400, 0, 1000, 600])
+    out = merge_detections(det, wins, (600, 1000), method="nms")
+    assert [560, 100, 600, 140] in out[:, :4].tolist() and len(out) == 2
 
 
 def test_merge_keeps_neighbours_apart():
     # two different objects either side of a border, not overlapping across it; and two classes on one spot
     det = _det([[440, 100, 499, 150, 0.9, 0], [501, 300, 560, 350, 0.8, 0],
                 [10, 10, 50, 50, 0.9, 0], [10, 10, 50, 50, 0.8, 1]])
-    cut = torch.tensor([[False, False, True, False], [True, False, False, False], [False] * 4, [False] * 4])
-    out = merge_detections(det, cut, torch.tensor([0, 1, 0, 1]))
+    wins = _wins([0, 0, 500, 500], [500, 0, 1000, 500], [0, 0, 500, 500], [500, 0, 1000, 500])
+    out = merge_detections(det, wins, (500, 1000))
     assert len(out) == 4
-    assert len(merge_detections(det, cut, torch.tensor([0, 1, 0, 1]), agnostic=True)) == 3
+    assert len(merge_detections(det, wins, (500, 1000), agnostic=True)) == 3
+    # two neighbours cut by the same border of one tile stay two
+    det2 = _det([[560, 100, 600, 140, 0.9, 0], [560, 141, 600, 180, 0.8, 0]])
+    assert len(merge_detections(det2, _wins([0, 0, 600, 600], [0, 0, 600, 600]), (600, 1000))) == 2
 
 
 def test_merge_nms_keeps_the_best_box_nmm_grows_to_the_union():
     det = _det([[100, 100, 200, 200, 0.9, 0], [110, 110, 210, 210, 0.6, 0], [105, 100, 205, 200, 0.5, 0]])
-    cut, owner = torch.zeros((3, 4), dtype=torch.bool), torch.tensor([0, 1, -1])
-    out = merge_detections(det, cut, owner, method="nms")
+    wins = _wins([0, 0, 1000, 1000], [0, 0, 1000, 1000], [0, 0, 1000, 1000])  # the full-image pass: nothing cut
+    out = merge_detections(det, wins, (1000, 1000), method="nms")
     assert out.tolist() == [[100, 100, 200, 200, pytest.approx(0.9), 0]]
-    out = merge_detections(det, cut, owner, method="nmm")
+    out = merge_detections(det, wins, (1000, 1000), method="nmm")
     assert out[:, :4].tolist() == [[100, 100, 210, 210]]
-    # boxes from one tile were settled by that tile's NMS: never merged again
-    same_tile = merge_detections(det, cut, torch.tensor([0, 0, 0]), method="nms")
-    assert len(same_tile) == 3
     # ios: a small box inside a big one is one object by ios, two by iou
     det2 = _det([[0, 0, 100, 100, 0.9, 0], [10, 10, 40, 40, 0.8, 0]])
-    z = torch.zeros((2, 4), dtype=torch.bool)
-    assert len(merge_detections(det2, z, torch.tensor([0, 1]), metric="iou")) == 2
-    assert len(merge_detections(det2, z, torch.tensor([0, 1]), metric="ios")) == 1
-    assert len(merge_detections(det, cut, owner, method="nms", max_det=0)) == 0
+    w2 = _wins([0, 0, 1000, 1000], [0, 0, 1000, 1000])
+    assert len(merge_detections(det2, w2, (1000, 1000), metric="iou")) == 2
+    assert len(merge_detections(det2, w2, (1000, 1000), metric="ios")) == 1
+    assert len(merge_detections(det, wins, (1000, 1000), method="nms", max_det=0)) == 0
 
 
 def test_candidate_sweep_finds_every_touching_pair():

@@ -28,6 +28,9 @@ from utils.errors import UserError, report_user_errors
 MERGE_METHODS = ("nms", "nmm")
 MERGE_METRICS = ("iou", "ios")
 BORDER_TOL = 2.0  # px: a box edge this close to an inner tile edge was cut by that edge
+# Pieces of one object seen from two tiles must agree this well (stricter than the merge threshold: at a low
+# confidence threshold loose joins grow boxes into their neighbours)
+JOIN_IOU = 0.7
 AUTO_MAX_SHRINK = 1.5  # --slice auto tiles only images the letterbox would shrink by more than this
 
 
@@ -139,21 +142,17 @@ def tile_windows(h: int, w: int, size: int, overlap: float = 0.2) -> np.ndarray:
                     dtype=np.int64).reshape(-1, 4)
 
 
-def cut_edges(boxes: torch.Tensor, window: Sequence[int], image_hw: Sequence[int], tol: float = BORDER_TOL) -> torch.Tensor:
-    """(n, 4) bool: which of left, top, right, bottom each box (original pixels) touches on an edge of `window`
-    that lies inside the image, i.e. where the tile cut through whatever was there."""
-    x1, y1, x2, y2 = window
+def cut_edges(boxes: torch.Tensor, window: Sequence[int] | None, image_hw: Sequence[int], tol: float = BORDER_TOL,
+              windows: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, 4) bool: which of left, top, right, bottom each box (original pixels) touches on an edge of its tile
+    that lies inside the image, i.e. where the tile cut through whatever was there. The tile is `window`, or
+    per box `windows` (n, 4)."""
     h, w = image_hw
-    inner = torch.tensor([x1 > 0, y1 > 0, x2 < w, y2 < h], device=boxes.device)
-    near = torch.stack((boxes[:, 0] <= x1 + tol, boxes[:, 1] <= y1 + tol, boxes[:, 2] >= x2 - tol,
-                        boxes[:, 3] >= y2 - tol), 1)
+    win = torch.as_tensor(window, dtype=boxes.dtype).view(1, 4) if windows is None else windows.to(boxes.dtype)
+    inner = torch.stack((win[:, 0] > 0, win[:, 1] > 0, win[:, 2] < w, win[:, 3] < h), 1)
+    near = torch.stack((boxes[:, 0] <= win[:, 0] + tol, boxes[:, 1] <= win[:, 1] + tol, boxes[:, 2] >= win[:, 2] - tol,
+                        boxes[:, 3] >= win[:, 3] - tol), 1)
     return near & inner
-
-
-def _overlap_1d(a1, a2, b1, b2) -> np.ndarray:
-    """Overlap of intervals [a1, a2] and [b1, b2] (broadcast), over the shorter of the two."""
-    inter = np.clip(np.minimum(a2, b2) - np.maximum(a1, b1), 0, None)
-    return inter / np.maximum(np.minimum(a2 - a1, b2 - b1), 1e-9)
 
 
 def _candidate_pairs(boxes: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
@@ -172,44 +171,61 @@ def _candidate_pairs(boxes: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndar
     return np.minimum(i, j), np.maximum(i, j)
 
 
-def _match_pairs(i: np.ndarray, j: np.ndarray, boxes: np.ndarray, cut: np.ndarray, owner: np.ndarray, metric: str,
+def _iou_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of each row pair of two (n, 4) xyxy arrays."""
+    iw = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return inter / np.maximum(union, 1e-9)
+
+
+def _match_pairs(i: np.ndarray, j: np.ndarray, boxes: np.ndarray, windows: np.ndarray, cut: np.ndarray, metric: str,
                  thres: float) -> tuple[np.ndarray, np.ndarray]:
-    """For pairs (i, j) with i scored higher: (same object by overlap, pieces of one object cut apart by a
-    tile border). Boxes of one tile never match: that tile's own NMS already settled its duplicates."""
+    """For pairs (i, j), i scored higher: (the same object by overlap, pieces of one object cut by tile borders).
+
+    Pieces: boxes from different tiles, at least one cut by its tile's edge, whose union seen through each box's
+    own tile is that box (IoU > JOIN_IOU both ways): what one object straddling the border looks like from either
+    side. A larger box that merely contains a piece does not qualify unless it agrees with the piece's uncut
+    edges, so a piece is never grown into an unrelated box.
+    """
     b, bj = boxes[i], boxes[j]
     iw = np.clip(np.minimum(b[:, 2], bj[:, 2]) - np.maximum(b[:, 0], bj[:, 0]), 0, None)
     ih = np.clip(np.minimum(b[:, 3], bj[:, 3]) - np.maximum(b[:, 1], bj[:, 1]), 0, None)
     inter = iw * ih
     area_i = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     area_j = (bj[:, 2] - bj[:, 0]) * (bj[:, 3] - bj[:, 1])
-    ios = inter / np.maximum(np.minimum(area_i, area_j), 1e-9)
-    score = inter / np.maximum(area_i + area_j - inter, 1e-9) if metric == "iou" else ios
-    c, cj = cut[i], cut[j]  # left, top, right, bottom
-    # A piece of an object cut by a tile edge, mostly inside a box of another tile (the whole object or a
-    # larger piece) ...
-    pieces = (c.any(1) | cj.any(1)) & (ios > thres)
-    # ... or the piece on the other side of the same border: i cut on its right where j is cut on its left (or
-    # the reverse, or top/bottom), touching or overlapping along that axis and overlapping mostly across it.
-    tol = BORDER_TOL
-    across_y = _overlap_1d(b[:, 1], b[:, 3], bj[:, 1], bj[:, 3]) > thres
-    across_x = _overlap_1d(b[:, 0], b[:, 2], bj[:, 0], bj[:, 2]) > thres
-    lr = ((c[:, 2] & cj[:, 0] & (bj[:, 0] <= b[:, 2] + tol)) | (c[:, 0] & cj[:, 2] & (b[:, 0] <= bj[:, 2] + tol))) & across_y
-    tb = ((c[:, 3] & cj[:, 1] & (bj[:, 1] <= b[:, 3] + tol)) | (c[:, 1] & cj[:, 3] & (b[:, 1] <= bj[:, 3] + tol))) & across_x
-    other_tile = owner[i] != owner[j]
-    return (score > thres) & other_tile, (pieces | lr | tb) & other_tile
+    if metric == "iou":
+        score = inter / np.maximum(area_i + area_j - inter, 1e-9)
+    else:
+        score = inter / np.maximum(np.minimum(area_i, area_j), 1e-9)
+    wi, wj = windows[i], windows[j]
+    other_tile = (wi != wj).any(1)
+    candidates = np.flatnonzero(other_tile & (cut[i].any(1) | cut[j].any(1)))
+    joined = np.zeros(len(i), dtype=bool)
+    if len(candidates):
+        ci, cj = b[candidates], bj[candidates]
+        union = np.concatenate((np.minimum(ci[:, :2], cj[:, :2]), np.maximum(ci[:, 2:], cj[:, 2:])), 1)
+
+        def seen_from(w: np.ndarray) -> np.ndarray:  # the union clipped to a tile
+            return np.concatenate((np.maximum(union[:, :2], w[:, :2]), np.minimum(union[:, 2:], w[:, 2:])), 1)
+
+        joined[candidates] = ((_iou_rows(seen_from(wi[candidates]), ci) > JOIN_IOU) &
+                              (_iou_rows(seen_from(wj[candidates]), cj) > JOIN_IOU))
+    return score > thres, joined
 
 
-def merge_detections(det: torch.Tensor, cut: torch.Tensor, windows: torch.Tensor, *, method: str = "nms",
+def merge_detections(det: torch.Tensor, windows: torch.Tensor, image_hw: Sequence[int], *, method: str = "nms",
                      threshold: float = 0.5, metric: str = "iou", agnostic: bool = False,
                      max_det: int | None = None) -> torch.Tensor:
-    """One box per object from the (n, 6) x1, y1, x2, y2, conf, cls boxes of all tiles (original pixels).
+    """One box per object from the (n, 6) x1, y1, x2, y2, conf, cls boxes of all passes (original pixels).
 
-    Greedy by confidence, per class (unless `agnostic`), between boxes of different tiles (`windows`: the tile
-    index of each box, -1 for the full-image pass): a box takes over every lower-scored box it matches (`metric`
-    above `threshold`). NMS keeps the winner's box, NMM grows it to the union. Pieces of one object cut apart by
-    a tile border (`cut`: (n, 4) left/top/right/bottom flags from `cut_edges`) are always joined into the union,
-    so an object split by a border comes back as one box. Only boxes that overlap or touch are compared (a sweep
-    along x), and the greedy pass walks only the boxes that have a match.
+    `windows`: (n, 4) the tile each box was predicted in (the whole image for the full-image pass). Greedy by
+    confidence, per class (unless `agnostic`): a box takes over every lower-scored box it matches (`metric`
+    above `threshold`); NMS keeps the winner's box, NMM grows it to the union. Pieces of one object cut apart by
+    tile borders (see `_match_pairs`) are joined into their union in both modes, so an object split by a
+    border comes back as one box. Only boxes that overlap or touch are compared (a sweep along x), and the
+    greedy pass walks only the boxes that have a match.
     """
     if method not in MERGE_METHODS or metric not in MERGE_METRICS:
         raise ValueError(f"merge method/metric must be in {MERGE_METHODS}/{MERGE_METRICS}, got {method}/{metric}")
@@ -217,17 +233,20 @@ def merge_detections(det: torch.Tensor, cut: torch.Tensor, windows: torch.Tensor
         return det
     device = det.device
     d = det.detach().cpu().double().numpy()
-    cuts, owner = cut.cpu().numpy().astype(bool), windows.cpu().numpy()
+    wins = windows.detach().cpu().double().numpy().reshape(-1, 4)
     order = np.argsort(-d[:, 4], kind="stable")
-    d, cuts, owner = d[order], cuts[order], owner[order]
+    d, wins = d[order], wins[order]
+    cuts = cut_edges(torch.from_numpy(d[:, :4]), None, image_hw, windows=torch.from_numpy(wins)).numpy()
     boxes = d[:, :4].copy()
     if not agnostic:  # classes apart by more than the image: boxes of different classes never touch
-        shift = (boxes.max() + 2 * BORDER_TOL + 1) * d[:, 5:6]
+        shift = (max(image_hw) + 2 * BORDER_TOL + 1) * d[:, 5:6]
         boxes += shift
+        wins = wins + shift
     i, j = _candidate_pairs(boxes, BORDER_TOL)
-    same, joined = _match_pairs(i, j, boxes, cuts, owner, metric, threshold)
+    same, joined = _match_pairs(i, j, boxes, wins, cuts, metric, threshold)
     taken = same | joined
-    grow_set = set(zip(i[joined if method == "nms" else taken].tolist(), j[joined if method == "nms" else taken].tolist()))
+    grow = joined if method == "nms" else taken
+    grow_set = set(zip(i[grow].tolist(), j[grow].tolist()))
     partners: dict[int, list[int]] = {}
     for a, b in zip(i[taken].tolist(), j[taken].tolist()):
         partners.setdefault(a, []).append(b)
