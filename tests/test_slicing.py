@@ -421,3 +421,24 @@ def test_offline_tiler_writes_a_yolo_dataset(tmp_path):
     assert images.exists()
     with pytest.raises(UserError, match="--overlap"):
         tile_dataset(data, 640, 1.0, tmp_path / "bad")
+
+
+@pytest.mark.slow
+def test_train_slice_end_to_end(tmp_path, yolov5n_weights, capsys):
+    """train.py --slice: random tiles for training, sliced validation of the full-size images, a hint with --slice."""
+    import train
+
+    rects = [(x, y, x + 30, y + 24) for x in range(40, 760, 180) for y in range(60, 560, 170)]
+    _planted_dataset(tmp_path / "d", size=(600, 800), rects=rects)
+    data = tmp_path / "d.yaml"
+    data.write_text(yaml.safe_dump({"path": str(tmp_path / "d"), "train": "images", "val": "images", "names": {0: "w"}}))
+    train.main(["--data", str(data), "--weights", str(yolov5n_weights), "--epochs", "1", "--img", "128",
+                "--slice", "256", "--batch", "4", "--workers", "0", "--noplots", "--project", str(tmp_path / "runs"),
+                "--name", "s", "--hyp", "hyp.finetune-few.yaml"])
+    out = capsys.readouterr().out
+    assert "tiles at 128" in out  # best.pt's final validation was sliced ...
+    assert out.count("\n                   all          1         " + str(len(rects))) >= 2  # ... on the full-size labels
+    run = tmp_path / "runs" / "s"
+    assert (run / "weights" / "best.pt").is_file() and (run / "results.csv").is_file()
+    opt = yaml.safe_load((run / "opt.yaml").read_text())
+    assert opt["slice"] == "256"  # --resume re-creates the same sliced run
