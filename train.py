@@ -42,6 +42,7 @@ from utils.logging import LOGGER, RESULT_KEYS, ResultsLogger, WarningsOnly, colo
 from utils.optim import EarlyStopping, warmup_warning  # noqa: E402
 from utils.plots import plot_results  # noqa: E402
 from utils.results import ValResult, fitness_of  # noqa: E402
+from utils.sizes import SIZES_HELP, parse_sizes, size_csv_values  # noqa: E402
 from utils.torch_utils import LOCAL_RANK, RANK, WORLD_SIZE, ddp_rank_summary, de_parallel, init_seeds, select_device  # noqa: E402
 from utils.torch_utils import torch_distributed_zero_first  # noqa: E402
 
@@ -100,14 +101,15 @@ def end_of_epoch(state: TrainState, epoch: int, mloss: torch.Tensor, lr: list[fl
     final_epoch = (epoch + 1 == opt.epochs) or stopper.possible_stop
     if not opt.noval or final_epoch:
         results = evaluate(state.ema.ema, state.val_loader, state.nc, state.names, single_cls=opt.single_cls,
-                           amp=state.amp, compute_loss=state.compute_loss)
+                           amp=state.amp, compute_loss=state.compute_loss, sizes=parse_sizes(getattr(opt, "sizes", "coco")))
         state.maps = results.maps
     fi = results.fitness
     stop = stopper(epoch=epoch, fitness=fi)
     if fi > state.best_fitness:
         state.best_fitness = fi
     values = {**dict(zip(RESULT_KEYS[:3], mloss.tolist())), **results.csv_values(), **dict(zip(RESULT_KEYS[-3:], lr))}
-    logger.log(epoch, {k: values[k] for k in RESULT_KEYS})
+    # the --sizes bins after YOLOv5's columns, so readers that go by column position still find theirs
+    logger.log(epoch, {**{k: values[k] for k in RESULT_KEYS}, **size_csv_values(parse_sizes(getattr(opt, "sizes", "coco")), results.sizes)})
     if not opt.nosave or final_epoch:
         writer.save(epoch, is_best=state.best_fitness == fi, final=final_epoch)
     return results, stop
@@ -170,7 +172,8 @@ def finish(state: TrainState, opt: argparse.Namespace, save_dir: Path, data: dic
         # the training val_loader: re-scanning the split would report every bad file a second time
         results = validate.run(data, weights=best, batch_size=state.val_batch, imgsz=state.imgsz,
                                single_cls=opt.single_cls, project=save_dir.parent, name=save_dir.name, exist_ok=True,
-                               plots=not opt.noplots, verbose=True, half=False, dataloader=state.val_loader)
+                               plots=not opt.noplots, verbose=True, half=False, dataloader=state.val_loader,
+                               sizes=getattr(opt, "sizes", "coco"))
     else:  # (the final validation above prints where the results are)
         LOGGER.info(f"Results saved to {colorstr('bold', str(save_dir))}")
     LOGGER.info(next_steps(save_dir, best if best.exists() else last,
@@ -275,7 +278,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="global training seed")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the distributed launcher")
     parser.add_argument("--quiet", action="store_true", help="print only warnings, errors, progress and results")
+    parser.add_argument("--sizes", nargs="+", default=["coco"], help=f"object-size bins for AP/AR by size: {SIZES_HELP}")
     opt = apply_defaults(parser.parse_args(argv))
+    parse_sizes(opt.sizes)  # a bad value stops the run before anything is written
     if opt.batch_size < 1 and opt.batch_size != -1:
         raise UserError(f"--batch-size must be at least 1 (or -1 for AutoBatch), got {opt.batch_size}")
     if opt.epochs < 1:
