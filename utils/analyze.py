@@ -230,6 +230,7 @@ def recommend_size_and_slicing(objs: Objects, img: int) -> tuple[list[Advice], n
 
 
 def recommend_model(objs: Objects, scale: np.ndarray, cfg: str, levels: Sequence[Level]) -> list[Advice]:
+    # cfg: the config's file name (it decides whether the model already has P2 or SPD)
     """P2 and SPD advice from the object sizes under the advised set-up (scale per object)."""
     s = shares_at(objs, scale)
     finest = min(lv.stride for lv in levels) if levels else 8
@@ -255,12 +256,13 @@ def recommend_model(objs: Objects, scale: np.ndarray, cfg: str, levels: Sequence
     return [p2, spd]
 
 
-def analyze(data: str | Path | dict, img: int = 640, cfg: str = "yolov5n.yaml") -> Report:
+def analyze(data: str | Path | dict, img: int = 640, cfg: str | Path | dict = "yolov5n.yaml") -> Report:
     """The full report for a dataset at --img with a model config's detection levels."""
     if img < 32:
         raise UserError(f"--img must be at least 32, got {img}")
     d = check_dataset(data, autodownload=False)
     levels = model_levels(cfg)
+    cfg = Path(cfg).name if isinstance(cfg, (str, Path)) else "the given model"
     images, objs, problems = gather(d)
     if not len(objs.w):
         raise UserError(f"{data}: no labelled objects to analyse")
@@ -274,7 +276,7 @@ def analyze(data: str | Path | dict, img: int = 640, cfg: str = "yolov5n.yaml") 
     if bpr == bpr:
         advice.append(Advice("anchors", "fit" if bpr > 0.98 else "re-fit (AutoAnchor does it at train time)",
                              f"best possible recall {bpr:.3f} at --img {img} (AutoAnchor's threshold 0.98)"))
-    return Report(str(data), img, str(cfg), dict(d["names"]), images, objs, problems, numbers, per_level, bpr, advice)
+    return Report(str(data), img, cfg, dict(d["names"]), images, objs, problems, numbers, per_level, bpr, advice)
 
 
 def _quantiles(x: np.ndarray) -> str:
