@@ -214,3 +214,19 @@ def test_study_plots_ap_and_recall_by_size_against_image_size(tmp_path, monkeypa
     assert seen == list(range(256, 1536 + 128, 128))
     with Image.open(next((tmp_path / "s").glob("study_x_w_sizes.png"))) as im:
         assert im.size[0] > 1500
+
+
+@pytest.mark.slow
+def test_training_writes_the_bins_into_results_csv(tmp_path, yolov5n_weights):
+    coco8 = shared_path("data", "coco8", "coco8.yaml")
+    train.main(["--data", str(coco8), "--cfg", "yolov5n.yaml", "--weights", str(yolov5n_weights), "--epochs", "2",
+                "--img", "128", "--batch", "4", "--workers", "0", "--noautoanchor", "--device", "cpu", "--noplots",
+                "--sizes", "aitod", "--project", str(tmp_path), "--name", "t"])
+    with open(tmp_path / "t" / "results.csv", newline="") as f:
+        rows = [{k.strip(): v.strip() for k, v in r.items()} for r in csv.DictReader(f)]
+    assert len(rows) == 2
+    assert list(rows[0])[1:17] == list(RESULT_KEYS)  # YOLOv5's columns where they always were
+    assert list(rows[0])[17:] == parse_sizes("aitod").csv_columns()
+    for r in rows:
+        vals = [float(r[c]) for c in parse_sizes("aitod").csv_columns()]
+        assert all(math.isnan(v) or 0 <= v <= 1 for v in vals) and not all(math.isnan(v) for v in vals)
