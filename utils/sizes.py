@@ -32,6 +32,18 @@ def _edge(x: float) -> str:
     return f"{x:g}"
 
 
+def _range_labels(edges: Sequence[float]) -> list[str]:
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if hi >= BIG:
+            out.append(f"{_edge(lo)}+")
+        elif lo == 0:
+            out.append(f"<{_edge(hi)}")
+        else:
+            out.append(f"{_edge(lo)}-{_edge(hi)}")
+    return out
+
+
 @dataclass(frozen=True)
 class SizeBins:
     """Named side ranges [edges[i], edges[i+1]] in original pixels."""
@@ -43,15 +55,7 @@ class SizeBins:
     @property
     def ranges(self) -> list[str]:
         """Each bin's range as text: <8, 8-16, 32+ (open ends shown as < and +)."""
-        out = []
-        for lo, hi in zip(self.edges[:-1], self.edges[1:]):
-            if hi >= BIG:
-                out.append(f"{_edge(lo)}+")
-            elif lo == 0:
-                out.append(f"<{_edge(hi)}")
-            else:
-                out.append(f"{_edge(lo)}-{_edge(hi)}")
-        return out
+        return _range_labels(self.edges)
 
     def area_ranges(self) -> dict[str, tuple[float, float]]:
         """COCOeval area ranges {key: (lo**2, hi**2)}, keyed by the bin's csv suffix."""
@@ -95,8 +99,7 @@ def parse_sizes(value: str | Sequence[str] | Sequence[float] | SizeBins | None) 
     edges = [min(e, BIG) for e in edges]  # inf and anything larger mean "no upper limit", as in COCO
     if any(b <= a for a, b in zip(edges, edges[1:])):
         raise UserError(f"--sizes: only the last edge may be {BIG:g} or more; got {' '.join(words)!r}")
-    bins = SizeBins("custom", tuple(edges), ())
-    return SizeBins("custom", bins.edges, tuple(bins.ranges))
+    return SizeBins("custom", tuple(edges), tuple(_range_labels(edges)))
 
 
 COCO_BINS = parse_sizes("coco")
@@ -113,7 +116,7 @@ class SizeMetrics:
     sides: np.ndarray = field(default_factory=lambda: np.zeros(0))  # every ground truth's side, original pixels
 
     def csv_values(self) -> dict[str, float]:
-        """Values of bins.csv_columns(); NaN (an empty cell to csv readers) where a bin has no objects."""
+        """Values of bins.csv_columns(); NaN (written as nan) where a bin has no objects."""
         nan = float("nan")
         ap = [] if self.bins.preset == "coco" else [a if a >= 0 else nan for a in self.ap]
         ar = [a if a >= 0 else nan for a in self.ar]
