@@ -136,8 +136,8 @@ def gather(data: dict, prefix: str = "") -> tuple[dict[str, int], Objects, dict[
         images[split] = len(cache["im_files"])
         for f, lb, shape in zip(cache["im_files"], cache["labels"], cache["shapes"]):
             seen.setdefault(f, (np.asarray(lb, dtype=np.float64).reshape(-1, 5), shape))
-        if split not in ("train",) and data.get("train") == data.get(split):
-            continue  # the same files as train: their problems are counted once
+        if any(data.get(s) == data[split] for s in ("train", "val") if s in images and s != split):
+            continue  # the same files as an earlier split: their problems are counted once
         problems["corrupt"] += cache["stats"]["nc"]
         for m in cache["msgs"]:
             problems["bad_coordinates"] += "label coordinates" in m and "corrupt" in m
