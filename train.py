@@ -43,6 +43,7 @@ from utils.logging import LOGGER, RESULT_KEYS, ResultsLogger, WarningsOnly, colo
 from utils.optim import EarlyStopping, warmup_warning  # noqa: E402
 from utils.plots import plot_results  # noqa: E402
 from utils.results import ValResult, fitness_of  # noqa: E402
+from utils.sizes import SIZES_HELP, parse_sizes, size_csv_values  # noqa: E402
 from utils.torch_utils import LOCAL_RANK, RANK, WORLD_SIZE, ddp_rank_summary, de_parallel, init_seeds, select_device  # noqa: E402
 from utils.torch_utils import torch_distributed_zero_first  # noqa: E402
 
@@ -101,14 +102,16 @@ def end_of_epoch(state: TrainState, epoch: int, mloss: torch.Tensor, lr: list[fl
     final_epoch = (epoch + 1 == opt.epochs) or stopper.possible_stop
     if not opt.noval or final_epoch:
         results = evaluate(state.ema.ema, state.val_loader, state.nc, state.names, single_cls=opt.single_cls,
-                           amp=state.amp, compute_loss=state.compute_loss, slicing=state.slicing, imgsz=state.imgsz)
+                           amp=state.amp, compute_loss=state.compute_loss, sizes=parse_sizes(getattr(opt, "sizes", "coco")),
+                           slicing=state.slicing, imgsz=state.imgsz)
         state.maps = results.maps
     fi = results.fitness
     stop = stopper(epoch=epoch, fitness=fi)
     if fi > state.best_fitness:
         state.best_fitness = fi
     values = {**dict(zip(RESULT_KEYS[:3], mloss.tolist())), **results.csv_values(), **dict(zip(RESULT_KEYS[-3:], lr))}
-    logger.log(epoch, {k: values[k] for k in RESULT_KEYS})
+    # the --sizes bins after YOLOv5's columns, so readers that go by column position still find theirs
+    logger.log(epoch, {**{k: values[k] for k in RESULT_KEYS}, **size_csv_values(parse_sizes(getattr(opt, "sizes", "coco")), results.sizes)})
     if not opt.nosave or final_epoch:
         writer.save(epoch, is_best=state.best_fitness == fi, final=final_epoch)
     return results, stop
@@ -173,7 +176,7 @@ def finish(state: TrainState, opt: argparse.Namespace, save_dir: Path, data: dic
         results = validate.run(data, weights=best, batch_size=state.val_batch, imgsz=state.imgsz,
                                single_cls=opt.single_cls, project=save_dir.parent, name=save_dir.name, exist_ok=True,
                                plots=not opt.noplots, verbose=True, half=False, dataloader=state.val_loader,
-                               slice=state.slicing)
+                               slice=state.slicing, sizes=getattr(opt, "sizes", "coco"))
     else:  # (the final validation above prints where the results are)
         LOGGER.info(f"Results saved to {colorstr('bold', str(save_dir))}")
     LOGGER.info(next_steps(save_dir, best if best.exists() else last,
@@ -280,6 +283,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="global training seed")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help="set by the distributed launcher")
     parser.add_argument("--quiet", action="store_true", help="print only warnings, errors, progress and results")
+    parser.add_argument("--sizes", nargs="+", default=["coco"], help=f"object-size bins for AP/AR by size: {SIZES_HELP}")
     g = parser.add_argument_group("slice-aided training (small objects in large images)")
     g.add_argument("--slice", default=None, metavar="SIZE",
                    help="train on random SIZE x SIZE tiles (original pixels) resized to --img; 'auto': tiles of --img")
@@ -287,6 +291,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep a box cut by the tile edge when at least this share of it is inside")
     g.add_argument("--slice-empty", type=float, default=0.1, help="share of tiles without objects that are kept")
     opt = apply_defaults(parser.parse_args(argv))
+    parse_sizes(opt.sizes)  # a bad value stops the run before anything is written
     check_train_slicing(opt)
     if opt.batch_size < 1 and opt.batch_size != -1:
         raise UserError(f"--batch-size must be at least 1 (or -1 for AutoBatch), got {opt.batch_size}")

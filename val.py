@@ -24,7 +24,7 @@ from engine.evaluate import (EvalOutputs, EvalRecord, format_metric, predict_dat
 from models.backends import DetectMultiBackend  # noqa: E402
 from models.predictor import Predictor  # noqa: E402
 from models.checkpoints import checkpoint_val_settings  # noqa: E402
-from utils.coco import coco80_to_coco91_class, run_pycocotools, yolo_labels_to_coco_gt  # noqa: E402
+from utils.coco import area_range_metrics, coco80_to_coco91_class, pycocotools_eval, yolo_labels_to_coco_gt  # noqa: E402
 from utils.names import normalize_names  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.datasets import create_dataloader  # noqa: E402
@@ -34,6 +34,7 @@ from utils.files import check_writable, increment_path  # noqa: E402
 from utils.logging import LOGGER, set_verbosity  # noqa: E402
 from utils.results import ValResult  # noqa: E402
 from utils.slicing import SliceConfig, add_slice_arguments, slice_config  # noqa: E402
+from utils.sizes import SIZES_HELP, parse_sizes, plot_size_study  # noqa: E402
 from utils.torch_utils import check_img_size, select_device  # noqa: E402
 
 TASKS = ("train", "val", "test", "speed", "study")
@@ -76,7 +77,7 @@ def val_names(data: dict, model_names: dict, single_cls: bool) -> dict:
 def pycocotools_check(result: ValResult, rec: EvalRecord, data: dict, names: dict, weights, save_dir: Path,
                       class_map: list) -> None:
     """--save-json: write the predictions (and the ground truth, for any YOLO dataset) and let pycocotools
-    recompute mAP and the area APs, which then replace the ones in `result`."""
+    recompute mAP, the area APs and the size bins' AP/AR, which then replace the ones in `result`."""
     pred_json = save_dir / f"{Path(str(weights)).stem if weights else 'model'}_predictions.json"
     pred_json.write_text(json.dumps(rec.jdict))
     LOGGER.info(f"Saved {len(rec.jdict)} predictions to {pred_json}")
@@ -88,9 +89,17 @@ def pycocotools_check(result: ValResult, rec: EvalRecord, data: dict, names: dic
         anno_json.write_text(json.dumps(gt))
         LOGGER.info(f"Wrote the ground truth as COCO json to {anno_json}")
     try:
-        cs = run_pycocotools(anno_json, pred_json)
+        ranges = result.sizes.bins.area_ranges() if result.sizes is not None else {}
+        ev = pycocotools_eval(anno_json, pred_json, area_ranges=ranges)
+        cs = [float(x) for x in ev.stats]
         result.map, result.map50 = cs[0], cs[1]
         result.aps, result.apm, result.apl = (max(x, 0.0) for x in cs[3:6])
+        if ranges:
+            m = area_range_metrics(ev, ranges)
+            result.sizes.ap, result.sizes.ar = [m[f"AP_{k}"] for k in ranges], [m[f"AR_{k}"] for k in ranges]
+            LOGGER.info("pycocotools, per size bin: " + "   ".join(
+                f"{r} AP {format_metric(a)} AR {format_metric(b)}"
+                for r, a, b in zip(result.sizes.bins.ranges, result.sizes.ap, result.sizes.ar)))
     except Exception as e:  # pycocotools is a cross-check; its failure must not lose the results above
         LOGGER.warning(f"pycocotools evaluation failed: {e}")
 
@@ -130,11 +139,13 @@ def run(
     slice_merge="nms",
     slice_merge_iou=0.5,
     slice_merge_metric="iou",
+    sizes="coco",
 ) -> ValResult:
     """Evaluate `weights` on the `task` split of `data`; returns a ValResult (metrics, per-class mAP, speed).
 
     `dataloader`: a ready loader of that split (train.py passes its own, so bad files are not reported twice).
     `slice` (a tile size, 'auto' or a SliceConfig): sliced validation, every metric on the full-size images.
+    `sizes`: object-size bins for AP/AR by size (coco, aitod or side edges in pixels; see utils.sizes).
     """
     if task not in TASKS:
         raise UserError(f"--task must be one of {TASKS}, got '{task}'")
@@ -147,6 +158,7 @@ def run(
         raise UserError("--weights is required")
     check_thresholds(conf_thres, iou_thres, max_det)
     check_workers(workers)
+    sizes = parse_sizes(sizes)
     check_writable(project)
     device = select_device(device, batch_size=batch_size)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
@@ -184,7 +196,8 @@ def run(
         rec = predict_dataset_sliced(predictor, dataloader.dataset, nc, names, imgsz=imgsz, stride=model.stride,
                                      fixed_shape=model.fixed_imgsz, single_cls=single_cls, out=out,
                                      coco_max_dets=coco_max_dets)
-    result = summarize(rec, names, plots=plots, save_dir=save_dir, verbose=verbose, per_class=nc < 50, task=task)
+    result = summarize(rec, names, plots=plots, save_dir=save_dir, verbose=verbose, per_class=nc < 50, task=task,
+                       sizes=sizes)
     shape = f"tiles at {imgsz}" if slicing is not None else str((batch_size, 3, imgsz, imgsz))
     print(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {shape}" % result.speed)
     if save_json and len(rec.jdict):
@@ -236,7 +249,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--coco-max-dets", type=int, default=100,
                         help="detections per image the COCO APs count (COCO's 100; raise it for crowded images)")
     add_slice_arguments(parser)
+    parser.add_argument("--sizes", nargs="+", default=["coco"], help=f"object-size bins for AP/AR by size: {SIZES_HELP}")
     opt = parser.parse_args(argv)
+    parse_sizes(opt.sizes)  # a bad value is reported before any model is loaded
     opt.save_txt |= opt.save_hybrid
     if opt.batch_size is not None and opt.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {opt.batch_size}")
@@ -252,11 +267,12 @@ def study(opt: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = []
+    rows, by_size = [], []
     for size in range(256, 1536 + 128, 128):
         LOGGER.info(f"\nRunning at --imgsz {size}...")
         r = run(**{**vars(opt), "imgsz": size, "task": "val", "plots": False})
         rows.append([size, r.precision, r.recall, r.map50, r.map, r.aps, r.apm, r.apl, *r.speed])
+        by_size.append(r.sizes)
     name = f"study_{Path(str(opt.data)).stem}_{Path(str(opt.weights)).stem}"
     out = increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok, mkdir=True)
     np.savetxt(out / f"{name}.txt", np.array(rows), fmt="%10.4g")
@@ -270,6 +286,7 @@ def study(opt: argparse.Namespace) -> None:
     ax[1].set_xlabel("image size")
     ax[1].set_ylabel("inference ms / image")
     fig.savefig(out / f"{name}.png", dpi=150)
+    plot_size_study([int(x) for x in arr[:, 0]], by_size, out / f"{name}_sizes.png")
     LOGGER.info(f"Study saved to {out}")
 
 

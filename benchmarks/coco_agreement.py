@@ -43,14 +43,14 @@ class _RecordingEvaluator(COCOStyleEvaluator):
 def measure(weights: str, data: str, imgsz: int, batch_size: int) -> tuple[dict[str, float], list[float]]:
     """Run val.run(save_json=True) once; return (native 12 stats, pycocotools 12 stats)."""
     captured: list[list[float]] = []
-    real = val.run_pycocotools
+    real = val.pycocotools_eval
 
     def recording(*a, **k):
-        stats = real(*a, **k)
-        captured.append(list(stats))
-        return stats
+        ev = real(*a, **k)
+        captured.append([float(s) for s in ev.stats])
+        return ev
 
-    val.COCOStyleEvaluator, val.run_pycocotools = _RecordingEvaluator, recording
+    val.COCOStyleEvaluator, val.pycocotools_eval = _RecordingEvaluator, recording
     with tempfile.TemporaryDirectory() as tmp:
         val.run(data=data, weights=weights, imgsz=imgsz, batch_size=batch_size, save_json=True, half=False,
                 device="cpu", workers=2, project=tmp, name="exp", plots=False)

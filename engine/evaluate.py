@@ -25,6 +25,7 @@ from utils.logging import LOGGER
 from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions
 from utils.plots import plot_images
 from utils.results import ValResult
+from utils.sizes import COCO_BINS, SizeBins, format_size_table, parse_sizes, plot_size_metrics
 
 HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 ROW = "%22s" + "%11i" * 2 + "%11.3g" * 4
@@ -175,9 +176,10 @@ def predict_dataset_sliced(predictor: Predictor, dataset, nc: int, names: dict, 
 
 
 def summarize(rec: EvalRecord, names: dict, *, plots: bool = False, save_dir: Path = Path(""), verbose: bool = False,
-              per_class: bool = False, task: str = "val") -> ValResult:
-    """mAPs from YOLOv5's ap_per_class, COCO area APs; prints the table. `per_class`: a row per labelled class."""
-    nc = rec.nc
+              per_class: bool = False, task: str = "val", sizes: SizeBins = COCO_BINS) -> ValResult:
+    """mAPs from YOLOv5's ap_per_class, COCO area APs and AP/AR per `sizes` bin; prints the table. `per_class`: a
+    row per labelled class."""
+    nc, sizes = rec.nc, parse_sizes(sizes)
     stats = [torch.cat(x, 0).cpu().numpy() for x in zip(*rec.stats)]
     ap_class, ap = np.array([], dtype=int), np.zeros((0, len(IOU_THRESHOLDS)))
     p = r = ap50 = np.zeros(0)
@@ -187,7 +189,7 @@ def summarize(rec: EvalRecord, names: dict, *, plots: bool = False, save_dir: Pa
         ap50, ap = ap[:, 0], ap.mean(1)
         mp, mr, map50, mapv = p.mean(), r.mean(), ap50.mean(), ap.mean()
     nt = np.bincount(stats[3].astype(int), minlength=nc) if len(stats) else np.zeros(nc, dtype=int)
-    area = rec.coco.summarize()
+    area = rec.coco.summarize(sizes.area_ranges())  # one COCOeval for the COCO areas and the size bins
 
     print(HEADER)
     print(ROW % ("all", rec.seen, nt.sum(), mp, mr, map50, mapv))
@@ -201,22 +203,25 @@ def summarize(rec: EvalRecord, names: dict, *, plots: bool = False, save_dir: Pa
     fmt = format_metric
     print(f"{'Small objects (COCO areas)':>22}   APs {fmt(area['APs'])}   APm {fmt(area['APm'])}   APl {fmt(area['APl'])}"
           f"   (AP {fmt(area['AP'])}, AP50 {fmt(area['AP50'])}, COCO-style 101-point, maxDets {rec.coco.max_dets})")
+    size_metrics = rec.coco.size_metrics(sizes, area)
+    print(format_size_table(size_metrics, rec.coco.max_dets))
     if plots:
         rec.confusion.plot(save_dir=save_dir, names=list(names.values()))
+        plot_size_metrics(size_metrics, save_dir)
 
     maps = np.zeros(nc) + mapv
     for i, c in enumerate(ap_class):
         maps[c] = ap[i]
     box, obj, cls = rec.loss.tolist() if rec.loss is not None else (0.0, 0.0, 0.0)
     return ValResult(precision=mp, recall=mr, map50=map50, map=mapv, box_loss=box, obj_loss=obj, cls_loss=cls, maps=maps,
-                     speed=rec.speed, **{k.lower(): max(area[k], 0.0) for k in ("APs", "APm", "APl")})
+                     speed=rec.speed, sizes=size_metrics, **{k.lower(): max(area[k], 0.0) for k in ("APs", "APm", "APl")})
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataloader, nc: int, names: dict, *, conf_thres: float = 0.001,
              iou_thres: float = 0.6, max_det: int = 300, single_cls: bool = False, amp: bool = False,
-             compute_loss: Callable | None = None, verbose: bool = False, slicing=None,
-             imgsz: int = 640) -> ValResult:
+             compute_loss: Callable | None = None, verbose: bool = False, sizes: SizeBins = COCO_BINS,
+             slicing=None, imgsz: int = 640) -> ValResult:
     """Validation during training: `model` (the EMA) is evaluated as it is, autocast on CUDA when `amp`.
     With `slicing` (a utils.slicing.SliceConfig) the loader's images are validated sliced at full resolution."""
     model.eval()
@@ -228,4 +233,4 @@ def evaluate(model: torch.nn.Module, dataloader, nc: int, names: dict, *, conf_t
                                      single_cls=single_cls)
     else:
         rec = predict_dataset(predictor, dataloader, nc, names, single_cls=single_cls, compute_loss=compute_loss)
-    return summarize(rec, names, verbose=verbose)
+    return summarize(rec, names, verbose=verbose, sizes=sizes)

@@ -9,7 +9,7 @@ import contextlib
 import io
 import json
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ import torch
 from utils.errors import UserError
 from utils.logging import LOGGER
 from utils.names import normalize_names
+
+if TYPE_CHECKING:
+    from utils.sizes import SizeMetrics
 
 # COCO's 91-id category space has 11 ids without annotations in detection (12, 26, 29, 30, 45, 66, 68, 69, 71,
 # 83 are unused; 91 is never reached); the 80 detection classes are the remaining ids 1..90 in order.
@@ -144,6 +147,14 @@ COCO_STAT_LABELS = tuple(
 def run_pycocotools(gt_json_path: str | Path, pred_json_path: str | Path, verbose: bool = True) -> list[float]:
     """Official COCO bbox evaluation; prints the standard 12-line summary and returns the 12 stats
     (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl; -1 where undefined)."""
+    return [float(s) for s in pycocotools_eval(gt_json_path, pred_json_path, verbose=verbose).stats]
+
+
+def pycocotools_eval(gt_json_path: str | Path, pred_json_path: str | Path, verbose: bool = True,
+                     area_ranges: Mapping[str, tuple[float, float]] | None = None):
+    """pycocotools' COCOeval on a ground-truth and a results json, evaluated, accumulated and summarized, with
+    `area_ranges` added as COCOStyleEvaluator adds them (read them with area_range_metrics). `verbose` prints
+    the standard 12-line summary."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -181,6 +192,7 @@ def run_pycocotools(gt_json_path: str | Path, pred_json_path: str | Path, verbos
             coco_dt.dataset = {"images": gt["images"], "categories": gt["categories"], "annotations": []}
             coco_dt.createIndex()
         ev = COCOeval(coco_gt, coco_dt, "bbox")
+        add_area_ranges(ev, area_ranges or {})
         ev.evaluate()
         ev.accumulate()
     if not preds and verbose:
@@ -190,7 +202,7 @@ def run_pycocotools(gt_json_path: str | Path, pred_json_path: str | Path, verbos
     if verbose:
         for label, value in zip(COCO_STAT_LABELS, ev.stats):
             print(f" {label} = {value:.4g}" if value >= 0 else f" {label} = n/a")
-    return [float(s) for s in ev.stats]
+    return ev
 
 
 def cocoeval_classes(backend: str = "auto") -> tuple[type, type, str]:
@@ -275,8 +287,9 @@ class COCOStyleEvaluator:
         gt = {"images": images, "annotations": anns, "categories": [{"id": c} for c in sorted(classes)]}
         return gt, np.concatenate(dets) if dets else np.zeros((0, 7))
 
-    def evaluate(self):
-        """The evaluated and accumulated COCOeval object (its .eval and .stats are filled)."""
+    def evaluate(self, area_ranges: Mapping[str, tuple[float, float]] | None = None):
+        """The evaluated and accumulated COCOeval object (its .eval and .stats are filled), scored on COCO's
+        area ranges plus `area_ranges` (default: the constructor's); see range_index for where each one is."""
         COCO, COCOeval, _ = cocoeval_classes(self.backend)
         gt, dets = self._datasets()
         with contextlib.redirect_stdout(io.StringIO()):  # COCOeval reports every step on stdout
@@ -292,25 +305,73 @@ class COCOStyleEvaluator:
             ev = COCOeval(coco_gt, coco_dt, "bbox")
             if self.max_dets != 100:
                 ev.params.maxDets = [1, 10, self.max_dets]
-            ev.params.areaRng = list(ev.params.areaRng) + [list(r) for r in self.area_ranges.values()]
-            ev.params.areaRngLbl = list(ev.params.areaRngLbl) + list(self.area_ranges)
+            add_area_ranges(ev, self.area_ranges if area_ranges is None else area_ranges)
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
         return ev
 
-    def summarize(self) -> dict[str, float]:
-        """The 12 COCO summary numbers keyed by STAT_KEYS, then AP_<name> per extra area range; -1 where
-        undefined (no ground truth in that range)."""
-        ev = self.evaluate()
+    def summarize(self, area_ranges: Mapping[str, tuple[float, float]] | None = None) -> dict[str, float]:
+        """The 12 COCO summary numbers keyed by STAT_KEYS, then AP_<name> and AR_<name> per extra area range;
+        -1 where undefined (no ground truth in that range)."""
+        ranges = self.area_ranges if area_ranges is None else dict(area_ranges)
+        ev = self.evaluate(ranges)
         stats = [float(s) for s in ev.stats]
         if len(stats) > 12:  # faster-coco-eval lists an AP and an AR for every area range: AP..., AR...
-            n = len(self.area_ranges)
+            n = len(ev.params.areaRng) - 4
             stats = stats[:6] + stats[6 + n:12 + n]
         out = dict(zip(self.STAT_KEYS, stats))
-        precision = ev.eval["precision"]  # (iou, recall, class, area, maxDets)
-        for name in self.area_ranges:
-            p = precision[:, :, :, list(ev.params.areaRngLbl).index(name), -1]
-            p = p[p > -1]
-            out[f"AP_{name}"] = float(p.mean()) if p.size else -1.0
+        out.update(area_range_metrics(ev, ranges))
         return out
+
+    def gt_sides(self) -> np.ndarray:
+        """Every ground truth's side sqrt(w * h), original pixels, in image order."""
+        parts = [g[:, 2:] - g[:, :2] for *_, g, _ in self._images.values()]
+        wh = np.concatenate(parts) if parts else np.zeros((0, 2))
+        return np.sqrt(np.clip(wh[:, 0] * wh[:, 1], 0, None))
+
+    def size_metrics(self, bins, summary: Mapping[str, float] | None = None) -> "SizeMetrics":
+        """AP/AR per object-size bin (utils.sizes.SizeBins or a --sizes value), with the ground truths' sides
+        for plots. `summary`: what summarize(bins.area_ranges()) returned, so COCOeval runs once, not twice."""
+        from utils.sizes import SizeMetrics, count_in_bins, parse_sizes
+
+        bins = parse_sizes(bins)
+        ranges = bins.area_ranges()
+        m = summary if summary is not None else self.summarize(ranges)
+        sides = self.gt_sides()
+        return SizeMetrics(bins, [m[f"AP_{k}"] for k in ranges], [m[f"AR_{k}"] for k in ranges],
+                           count_in_bins(sides, bins), sides)
+
+
+def range_index(ev, lo_hi: tuple[float, float]) -> int:
+    """Index of an area range in ev.params.areaRng (by value)."""
+    for i, r in enumerate(ev.params.areaRng):
+        if float(r[0]) == float(lo_hi[0]) and float(r[1]) == float(lo_hi[1]):
+            return i
+    raise KeyError(f"area range {lo_hi} was not evaluated")
+
+
+def add_area_ranges(ev, area_ranges: Mapping[str, tuple[float, float]]) -> None:
+    """Add area ranges to a COCOeval's params before evaluate(); one already there (COCO's own small, medium,
+    large) is reused, not scored twice, so `--sizes coco` costs nothing extra."""
+    rngs, lbls = [list(map(float, r)) for r in ev.params.areaRng], list(ev.params.areaRngLbl)
+    for name, (lo, hi) in area_ranges.items():
+        if [float(lo), float(hi)] not in rngs:
+            rngs.append([float(lo), float(hi)])
+            lbls.append(name)
+    ev.params.areaRng, ev.params.areaRngLbl = rngs, lbls
+
+
+def area_range_metrics(ev, area_ranges: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+    """AP_<name> (IoU 0.5:0.95) and AR_<name> (at the largest maxDets, COCO's 100) of an accumulated COCOeval for each area range,
+    as COCOeval's summarize averages them (over IoUs and the classes that have ground truth there); -1 where
+    the range holds no ground truth."""
+    out = {}
+    precision, recall = ev.eval["precision"], ev.eval["recall"]  # (T, R, K, A, M), (T, K, A, M)
+    m = len(ev.params.maxDets) - 1  # the largest: 100, or COCOStyleEvaluator's max_dets
+    for name, lo_hi in area_ranges.items():
+        a = range_index(ev, lo_hi)
+        for key, arr in (("AP", precision[:, :, :, a, m]), ("AR", recall[:, :, a, m])):
+            v = arr[arr > -1]
+            out[f"{key}_{name}"] = float(np.mean(v)) if v.size else -1.0
+    return out

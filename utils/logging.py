@@ -105,6 +105,11 @@ class ResultsLogger:
 
     def log(self, epoch: int, values: dict[str, float]) -> None:
         new = not self.csv.exists()
+        if not new:  # a resumed run keeps the file's own columns (e.g. one started with other --sizes bins)
+            with open(self.csv, newline="") as f:
+                header = next(csv.reader(f), ["epoch", *values])[1:]
+            if header != list(values):
+                values = {k: values.get(k, float("nan")) for k in header}
         with open(self.csv, "a", newline="") as f:
             w = csv.writer(f)
             if new:

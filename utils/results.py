@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from utils.sizes import SizeMetrics
+
 # results.csv column -> ValResult field, in the file's column order (after the three train losses)
 CSV_FIELDS = {
     "metrics/precision": "precision", "metrics/recall": "recall", "metrics/mAP_0.5": "map50",
@@ -30,14 +32,16 @@ class ValResult:
     cls_loss: float = 0.0
     maps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per-class mAP@0.5:0.95 (mean where no labels)
     speed: tuple[float, float, float] = (0.0, 0.0, 0.0)  # pre-process, inference, NMS ms per image
+    sizes: SizeMetrics | None = None  # AP/AR per --sizes bin (None: not evaluated)
 
     @property
     def fitness(self) -> float:
         return fitness_of({k: getattr(self, k) for k in FITNESS_WEIGHTS})
 
     def csv_values(self) -> dict[str, float]:
-        """The results.csv columns this result fills, by name."""
-        return {col: float(getattr(self, f)) for col, f in CSV_FIELDS.items()}
+        """The results.csv columns this result fills, by name (then its --sizes bins' columns, if any)."""
+        out = {col: float(getattr(self, f)) for col, f in CSV_FIELDS.items()}
+        return {**out, **(self.sizes.csv_values() if self.sizes is not None else {})}
 
 
 def fitness_of(values: dict[str, float]) -> float:
