@@ -97,6 +97,14 @@ def test_merge_never_grows_a_piece_into_an_unrelated_box():
     assert [560, 100, 600, 140] in out[:, :4].tolist() and len(out) == 2
 
 
+def test_merge_does_not_reshape_a_strong_box_by_a_weak_one():
+    # the two halves of test_merge_joins_an_object_split_by_a_border_without_overlap, the second at 1/10 the score
+    det = _det([[450, 100, 500, 160, 0.9, 0], [500, 101, 550, 160, 0.09, 0]])
+    wins = _wins([0, 0, 500, 500], [500, 0, 1000, 500])
+    out = merge_detections(det, wins, (500, 1000))
+    assert out[:, :4].tolist() == [[450, 100, 500, 160], [500, 101, 550, 160]]
+
+
 def test_merge_keeps_neighbours_apart():
     # two different objects either side of a border, not overlapping across it; and two classes on one spot
     det = _det([[440, 100, 499, 150, 0.9, 0], [501, 300, 560, 350, 0.8, 0],

@@ -31,6 +31,7 @@ BORDER_TOL = 2.0  # px: a box edge this close to an inner tile edge was cut by t
 # Pieces of one object seen from two tiles must agree this well (stricter than the merge threshold: at a low
 # confidence threshold loose joins grow boxes into their neighbours)
 JOIN_IOU = 0.7
+JOIN_MIN_SCORE_RATIO = 0.5  # ... and score at least this share of the other's
 AUTO_MAX_SHRINK = 1.5  # --slice auto tiles only images the letterbox would shrink by more than this
 
 
@@ -222,9 +223,10 @@ def merge_detections(det: torch.Tensor, windows: torch.Tensor, image_hw: Sequenc
 
     `windows`: (n, 4) the tile each box was predicted in (the whole image for the full-image pass). Greedy by
     confidence, per class (unless `agnostic`): a box takes over every lower-scored box it matches (`metric`
-    above `threshold`); NMS keeps the winner's box, NMM grows it to the union. Pieces of one object cut apart by
-    tile borders (see `_match_pairs`) are joined into their union in both modes, so an object split by a
-    border comes back as one box. Only boxes that overlap or touch are compared (a sweep along x), and the
+    above `threshold`); NMS keeps the winner's box, NMM grows it to the union. Pieces of one object cut by tile
+    borders (see `_match_pairs`) are resolved in both modes: a piece of an object another tile saw whole gives
+    way to that whole box (keeping the higher score), and pieces of an object no tile saw whole are joined into
+    their union, so an object split by a border comes back as one box. Only boxes that overlap or touch are compared (a sweep along x), and the
     greedy pass walks only the boxes that have a match.
     """
     if method not in MERGE_METHODS or metric not in MERGE_METRICS:
@@ -244,9 +246,17 @@ def merge_detections(det: torch.Tensor, windows: torch.Tensor, image_hw: Sequenc
         wins = wins + shift
     i, j = _candidate_pairs(boxes, BORDER_TOL)
     same, joined = _match_pairs(i, j, boxes, wins, cuts, metric, threshold)
+    # two views of one object score alike: a far weaker box (junk at a low conf_thres) does not reshape a strong one
+    joined &= d[j, 4] >= JOIN_MIN_SCORE_RATIO * d[i, 4]
+    piece_i, piece_j = cuts[i].any(1), cuts[j].any(1)
+    halves = joined & piece_i & piece_j  # no tile saw the object whole: its pieces join into their union
+    whole_j = joined & piece_i & ~piece_j  # the lower-scored box is the whole object the winner is a piece of
     taken = same | joined
-    grow = joined if method == "nms" else taken
+    grow = halves | (same if method == "nmm" else np.zeros_like(same))
     grow_set = set(zip(i[grow].tolist(), j[grow].tolist()))
+    whole_of = {}
+    for a, b in zip(i[whole_j].tolist(), j[whole_j].tolist()):
+        whole_of.setdefault(a, b)  # the best-scored whole box (pairs come in j order within an i)
     partners: dict[int, list[int]] = {}
     for a, b in zip(i[taken].tolist(), j[taken].tolist()):
         partners.setdefault(a, []).append(b)
@@ -257,6 +267,8 @@ def merge_detections(det: torch.Tensor, windows: torch.Tensor, image_hw: Sequenc
             continue
         js = [j for j in partners[i] if alive[j]]
         alive[js] = False
+        if i in whole_of and whole_of[i] in js:  # a piece wins: it takes the whole object's box, at its own score
+            out[i, :4] = out[whole_of[i], :4]
         grow = [j for j in js if (i, j) in grow_set]
         if grow:
             out[i, :2] = np.minimum(out[i, :2], out[grow, :2].min(0))
