@@ -226,8 +226,8 @@ def merge_detections(det: torch.Tensor, windows: torch.Tensor, image_hw: Sequenc
     above `threshold`); NMS keeps the winner's box, NMM grows it to the union. Pieces of one object cut by tile
     borders (see `_match_pairs`) are resolved in both modes: a piece of an object another tile saw whole gives
     way to that whole box (keeping the higher score), and pieces of an object no tile saw whole are joined into
-    their union, so an object split by a border comes back as one box. Only boxes that overlap or touch are compared (a sweep along x), and the
-    greedy pass walks only the boxes that have a match.
+    their union, so an object split by a border comes back as one box. Only boxes that overlap or touch are
+    compared (a sweep along x), and the greedy pass walks only the boxes that have a match.
     """
     if method not in MERGE_METHODS or metric not in MERGE_METRICS:
         raise ValueError(f"merge method/metric must be in {MERGE_METHODS}/{MERGE_METRICS}, got {method}/{metric}")
