@@ -28,7 +28,7 @@ from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.checks import check_line_thickness, check_thresholds  # noqa: E402
 from utils.files import append_text, check_writable, claim_run_dir, increment_path, open_video_writer, safe_name, write_image  # noqa: E402
 from utils.logging import LOGGER, set_verbosity  # noqa: E402
-from utils.slicing import add_slice_arguments, slice_config  # noqa: E402
+from utils.slicing import add_slice_arguments, fold_slice_options, slice_config  # noqa: E402
 from utils.sources import LoadImages, LoadStreams, is_stream  # noqa: E402
 from utils.torch_utils import check_img_size, select_device  # noqa: E402
 from utils.words import plural  # noqa: E402
@@ -195,19 +195,13 @@ def run(
     trust_weights=False,
     quiet=False,
     slice=None,  # noqa: A002 (the --slice option's name)
-    slice_overlap=0.2,
-    slice_batch=8,
-    slice_full=True,
-    slice_merge="nms",
-    slice_merge_iou=0.5,
-    slice_merge_metric="iou",
 ) -> dict:
     """Detect objects in `source`; returns {'save_dir', 'results': [(path, det tensor n x 6 in original pixels)]}.
 
     `slice` (a tile size in original pixels, 'auto' or a SliceConfig): sliced inference, see utils/slicing.py."""
     source, webcam = str(source), is_stream(str(source))
     verbose = verbose and not quiet
-    slicing = slice_config(slice, slice_overlap, slice_batch, slice_full, slice_merge, slice_merge_iou, slice_merge_metric)
+    slicing = slice_config(slice)
     if slicing is not None and augment:
         raise UserError("--slice cannot be combined with --augment: each tile is one plain pass (drop one of them)")
     check_thresholds(conf_thres, iou_thres, max_det)
@@ -303,7 +297,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trust-weights", action="store_true", help="allow TorchScript weights (loading them runs their code)")
     parser.add_argument("--quiet", action="store_true", help="print only warnings and errors")
     add_slice_arguments(parser)
-    opt = parser.parse_args(argv)
+    opt = fold_slice_options(parser.parse_args(argv))
     if isinstance(opt.weights, list) and len(opt.weights) == 1:
         opt.weights = opt.weights[0]
     return opt

@@ -33,7 +33,7 @@ from utils.checks import check_thresholds, check_workers  # noqa: E402
 from utils.files import check_writable, increment_path  # noqa: E402
 from utils.logging import LOGGER, set_verbosity  # noqa: E402
 from utils.results import ValResult  # noqa: E402
-from utils.slicing import SliceConfig, add_slice_arguments, slice_config  # noqa: E402
+from utils.slicing import SliceConfig, add_slice_arguments, fold_slice_options, slice_config  # noqa: E402
 from utils.sizes import SIZES_HELP, parse_sizes, plot_size_study  # noqa: E402
 from utils.torch_utils import check_img_size, select_device  # noqa: E402
 
@@ -133,12 +133,6 @@ def run(
     dataloader=None,
     coco_max_dets=100,
     slice=None,  # noqa: A002 (the --slice option's name)
-    slice_overlap=0.2,
-    slice_batch=8,
-    slice_full=True,
-    slice_merge="nms",
-    slice_merge_iou=0.5,
-    slice_merge_metric="iou",
     sizes="coco",
 ) -> ValResult:
     """Evaluate `weights` on the `task` split of `data`; returns a ValResult (metrics, per-class mAP, speed).
@@ -149,8 +143,7 @@ def run(
     """
     if task not in TASKS:
         raise UserError(f"--task must be one of {TASKS}, got '{task}'")
-    slicing = slice_config(slice, slice_overlap, slice_batch, slice_full, slice_merge, slice_merge_iou,
-                           slice_merge_metric)
+    slicing = slice_config(slice)
     check_slice_options(slicing, task=task, save_hybrid=save_hybrid, augment=augment)
     if coco_max_dets < 1:
         raise UserError(f"--coco-max-dets must be at least 1, got {coco_max_dets}")
@@ -250,7 +243,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                         help="detections per image the COCO APs count (COCO's 100; raise it for crowded images)")
     add_slice_arguments(parser)
     parser.add_argument("--sizes", nargs="+", default=["coco"], help=f"object-size bins for AP/AR by size: {SIZES_HELP}")
-    opt = parser.parse_args(argv)
+    opt = fold_slice_options(parser.parse_args(argv))
     parse_sizes(opt.sizes)  # a bad value is reported before any model is loaded
     opt.save_txt |= opt.save_hybrid
     if opt.batch_size is not None and opt.batch_size < 1:

@@ -100,8 +100,19 @@ def slice_config(size: str | int | SliceConfig | None, overlap: float = 0.2, bat
                        merge_metric=merge_metric)
 
 
+def fold_slice_options(opt: argparse.Namespace) -> argparse.Namespace:
+    """Replace the parsed --slice* options of detect.py/val.py by one `opt.slice`: a SliceConfig, or None without
+    --slice (so their run() takes a single `slice` argument)."""
+    options = {name: getattr(opt, f"slice_{name}") for name in ("overlap", "batch", "full", "merge", "merge_iou",
+                                                              "merge_metric")}
+    for name in options:
+        delattr(opt, f"slice_{name}")
+    opt.slice = slice_config(opt.slice, **options)
+    return opt
+
+
 def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
-    """The --slice* options shared by detect.py and val.py."""
+    """The --slice* options shared by detect.py and val.py (fold them with fold_slice_options after parsing)."""
     g = parser.add_argument_group("sliced inference (small objects in large images)")
     g.add_argument("--slice", default=None, metavar="SIZE",
                    help="cut each image into overlapping SIZE x SIZE tiles (original pixels) run at --img; 'auto' picks it")
