@@ -15,6 +15,7 @@ from torchvision.ops import nms
 
 from engine.evaluate import predict_dataset_sliced, summarize
 from models.predictor import Predictor
+from utils.boxes import xywhn2xyxy
 from utils.dataset import LoadImagesAndLabels
 from utils.errors import UserError
 from utils.slicing import (SliceConfig, auto_tile_size, clip_to_window, cut_edges, merge_detections, parse_slice_size,
@@ -370,12 +371,18 @@ def test_clip_to_window_keeps_visible_boxes_clipped():
 def test_sample_tile_is_inside_and_keeps_every_visible_box():
     rng = random.Random(0)
     boxes = np.array([[x, y, x + 30, y + 20] for x in range(0, 1000, 97) for y in range(0, 800, 83)], dtype=float)
+    cls = np.arange(len(boxes)) % 3
+    labels = np.column_stack((cls, (boxes[:, 0] + boxes[:, 2]) / 2000, (boxes[:, 1] + boxes[:, 3]) / 1600,
+                              (boxes[:, 2] - boxes[:, 0]) / 1000, (boxes[:, 3] - boxes[:, 1]) / 800))
+    boxes = xywhn2xyxy(labels[:, 1:], 1000, 800)  # exactly what the labels say (a box half inside stays decided)
     for _ in range(50):
-        (x1, y1, x2, y2), clipped, kept = sample_tile(rng, (800, 1000), boxes, 256, 0.5)
+        (x1, y1, x2, y2), tile = sample_tile(rng, (800, 1000), labels, 256, 0.5)
         assert 0 <= x1 and x2 <= 1000 and 0 <= y1 and y2 <= 800 and (x2 - x1, y2 - y1) == (256, 256)
-        _, want = clip_to_window(boxes, (x1, y1, x2, y2), 0.5)
-        assert kept.tolist() == want.tolist() and len(kept)
-        assert (clipped >= 0).all() and (clipped <= 256).all()
+        clipped, want = clip_to_window(boxes, (x1, y1, x2, y2), 0.5)
+        assert len(want) and tile[:, 0].tolist() == cls[want].tolist()
+        got = np.column_stack(((tile[:, 1] - tile[:, 3] / 2) * 256, (tile[:, 2] - tile[:, 4] / 2) * 256,
+                               (tile[:, 1] + tile[:, 3] / 2) * 256, (tile[:, 2] + tile[:, 4] / 2) * 256))
+        assert np.allclose(got, clipped, atol=1e-3)  # clipped to the tile, in its own pixels
 
 
 def test_sliced_training_dataset_samples_native_tiles(tmp_path):

@@ -259,21 +259,15 @@ class LoadImagesAndLabels(Dataset):
 
     def load_sample(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int], np.ndarray, list]:
         """(image, (h0, w0), (h, w), labels [cls, cx, cy, w, h] normalised to it, segments) for item i: the
-        whole image, or with slicing a random tile of it (boxes clipped, kept at slice_min_visibility)."""
+        whole image, or with slicing a random tile of it (boxes clipped, kept at slice_min_visibility). The labels
+        are the caller's to change; the segments are the dataset's own (copy them first)."""
         img, hw0, hw = self.load_image(i)
         if not self.slice_size:
-            return img, hw0, hw, self.labels[i].copy(), [x.copy() for x in self.segments[i]]
-        h0, w0 = hw0
-        labels = self.labels[i]
-        boxes = xywhn2xyxy(labels[:, 1:5], w0, h0) if len(labels) else np.zeros((0, 4))
-        (x1, y1, x2, y2), clipped, kept = sample_tile(random, hw0, boxes, self.slice_size, self.slice_min_visibility,
-                                                      self.slice_empty_keep)
+            return img, hw0, hw, self.labels[i].copy(), self.segments[i]
+        (x1, y1, x2, y2), tile_labels = sample_tile(random, hw0, self.labels[i], self.slice_size,
+                                                    self.slice_min_visibility, self.slice_empty_keep)
         tile = img[y1:y2, x1:x2]
         th, tw = tile.shape[:2]
-        tile_labels = np.zeros((len(kept), 5), dtype=np.float32)
-        if len(kept):
-            tile_labels[:, 0] = labels[kept, 0]
-            tile_labels[:, 1:] = xyxy2xywhn(clipped, tw, th)
         r = self.img_size / max(th, tw)
         if r != 1:
             tile = cv2.resize(tile, (math.ceil(tw * r), math.ceil(th * r)), interpolation=cv2.INTER_LINEAR)
@@ -289,6 +283,7 @@ class LoadImagesAndLabels(Dataset):
         img4 = None
         for i, j in enumerate(idx):
             img, _, (h, w), labels, segments = self.load_sample(j)
+            segments = [x.copy() for x in segments]
             if img4 is None:
                 img4 = np.full((s * 2, s * 2, img.shape[2]), 114, dtype=np.uint8)
             if i == 0:  # top left: image's bottom-right corner at the centre

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from utils.boxes import xywhn2xyxy, xyxy2xywhn
 from utils.errors import UserError, report_user_errors
 
 MERGE_METHODS = ("nms", "nmm")
@@ -304,24 +305,43 @@ def clip_to_window(boxes_xyxy: np.ndarray, window: Sequence[int], min_visibility
     return clipped[kept] - np.array([x1, y1, x1, y1], dtype=np.float64), kept
 
 
-def sample_tile(rng, image_hw: Sequence[int], boxes_xyxy: np.ndarray, size: int, min_visibility: float = 0.5,
-                empty_keep: float = 0.1, tries: int = 10) -> tuple[tuple[int, int, int, int], np.ndarray, np.ndarray]:
-    """A random `size` tile of an image and its labels: (window, clipped boxes in tile pixels, kept box index).
+def pixel_boxes(labels: np.ndarray, image_hw: Sequence[int]) -> np.ndarray:
+    """(n, 4) xyxy pixel boxes of YOLO labels [cls, cx, cy, w, h] normalised to an h x w image."""
+    h, w = image_hw
+    return xywhn2xyxy(labels[:, 1:5], w, h) if len(labels) else np.zeros((0, 4))
 
-    Tiles without a visible enough box are drawn again (up to `tries`), keeping an empty one only with
-    probability `empty_keep`, so training sees some background without being flooded by it. `rng` is a
-    `random.Random` (the dataset's per-item seeded generator).
+
+def window_labels(labels: np.ndarray, boxes_xyxy: np.ndarray, window: Sequence[int],
+                  min_visibility: float) -> np.ndarray:
+    """(m, 5) YOLO labels [cls, cx, cy, w, h] normalised to `window`: the boxes (`boxes_xyxy`, the labels in image
+    pixels) at least `min_visibility` inside it, clipped to it."""
+    clipped, kept = clip_to_window(boxes_xyxy, window, min_visibility)
+    out = np.zeros((len(kept), 5), dtype=np.float32)
+    if len(kept):
+        out[:, 0] = labels[kept, 0]
+        out[:, 1:] = xyxy2xywhn(clipped, window[2] - window[0], window[3] - window[1])
+    return out
+
+
+def sample_tile(rng, image_hw: Sequence[int], labels: np.ndarray, size: int, min_visibility: float = 0.5,
+                empty_keep: float = 0.1, tries: int = 10) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """A random `size` tile of an image and its labels: (window, labels normalised to the tile).
+
+    `labels` are the image's YOLO labels. Tiles without a visible enough box are drawn again (up to `tries`),
+    keeping an empty one only with probability `empty_keep`, so training sees some background without being
+    flooded by it. `rng` is a `random.Random` (the dataset's per-item seeded generator).
     """
     h, w = image_hw
     tw, th = min(size, w), min(size, h)
-    window, clipped, kept = (0, 0, tw, th), np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
+    boxes = pixel_boxes(labels, image_hw)
+    window, tile_labels = (0, 0, tw, th), np.zeros((0, 5), dtype=np.float32)
     for _ in range(max(tries, 1)):
         x1, y1 = rng.randint(0, w - tw), rng.randint(0, h - th)
         window = (x1, y1, x1 + tw, y1 + th)
-        clipped, kept = clip_to_window(boxes_xyxy, window, min_visibility)
-        if len(kept) or rng.random() < empty_keep:
+        tile_labels = window_labels(labels, boxes, window, min_visibility)
+        if len(tile_labels) or rng.random() < empty_keep:
             break
-    return window, clipped, kept
+    return window, tile_labels
 
 
 # ----- the offline tiler ----------------------------------------------------------------------------------------
@@ -337,7 +357,6 @@ def tile_dataset(data: str | Path, size: int, overlap: float, out: str | Path, m
     import cv2
     import yaml
 
-    from utils.boxes import xywhn2xyxy, xyxy2xywhn
     from utils.data_config import check_dataset
     from utils.labels import load_labels
 
@@ -361,18 +380,17 @@ def tile_dataset(data: str | Path, size: int, overlap: float, out: str | Path, m
             if im is None:
                 continue  # the label scan already reported it
             h, w = im.shape[:2]
-            boxes = xywhn2xyxy(labels[:, 1:5], w, h) if len(labels) else np.zeros((0, 4))
+            boxes = pixel_boxes(labels, (h, w))
             for win in tile_windows(h, w, size, overlap):
-                clipped, kept = clip_to_window(boxes, win, min_visibility)
-                if not len(kept) and rng.random() >= empty_keep:
+                rows = window_labels(labels, boxes, win, min_visibility)
+                if not len(rows) and rng.random() >= empty_keep:
                     continue
                 x1, y1, x2, y2 = (int(v) for v in win)
                 stem = f"{Path(f).stem}_{x1}_{y1}"
                 cv2.imwrite(str(out / "images" / split / f"{stem}{Path(f).suffix}"), im[y1:y2, x1:x2])
-                rows = np.column_stack((labels[kept, :1], xyxy2xywhn(clipped, x2 - x1, y2 - y1))) if len(kept) else []
                 (out / "labels" / split / f"{stem}.txt").write_text(
                     "".join("%g %.6f %.6f %.6f %.6f\n" % tuple(r) for r in rows))
-                n_tiles, n_boxes = n_tiles + 1, n_boxes + len(kept)
+                n_tiles, n_boxes = n_tiles + 1, n_boxes + len(rows)
         new[split] = f"images/{split}"
         print(f"{split}: {len(cache['im_files'])} images -> {n_tiles} tiles of {size} px with {n_boxes} boxes")
     yaml_path = out / f"{Path(str(data)).stem}-tiles{size}.yaml"
