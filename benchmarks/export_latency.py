@@ -21,7 +21,6 @@ import argparse
 import csv
 import importlib.util
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ if str(ROOT) not in sys.path:
 from models.backends import channels_last  # noqa: E402
 from models.spd_export import to_export_form  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
-from utils.torch_utils import count_flops  # noqa: E402
+from utils.torch_utils import count_flops, cpu_model  # noqa: E402
 
 RUNTIMES = ("pytorch", "torchscript", "onnxruntime", "openvino", "onnxruntime-int8", "openvino-int8")
 CALIB = ROOT.parent / "shared" / "data" / "coco128" / "coco128.yaml"  # scales only: latency ignores their values
@@ -184,8 +183,7 @@ def write_md(rows: list[dict], runtimes: list[str], md: str | Path, imgsz, threa
     """The whole table as markdown, with the command, machine and versions that produced it."""
     import onnxruntime
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     vers = [f"torch {torch.__version__}", f"onnxruntime {onnxruntime.__version__}"]
     vers += [f"{n} {__import__(n).__version__}" for n in ("openvino", "nncf") if importlib.util.find_spec(n)]
     unit = "CPU ms of the process per image" if clock == "cpu" else "wall-clock ms per image"

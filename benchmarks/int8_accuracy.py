@@ -16,7 +16,6 @@ import contextlib
 import csv
 import importlib.util
 import io
-import platform
 import shutil
 import sys
 import tempfile
@@ -31,11 +30,11 @@ DATA = ROOT.parent / "shared" / "data" / "coco128" / "coco128.yaml"
 
 
 def machine() -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
     import os
 
-    return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"
+    from utils.torch_utils import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start"
 
 
 def versions() -> str:

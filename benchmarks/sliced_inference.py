@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ from utils.boxes import xywhn2xyxy  # noqa: E402
 from utils.coco import COCOStyleEvaluator  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.dataset import read_image  # noqa: E402
+from utils.torch_utils import cpu_model  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.labels import load_labels  # noqa: E402
 from utils.slicing import SliceConfig  # noqa: E402
@@ -192,8 +192,7 @@ def write(df: pd.DataFrame, opt: argparse.Namespace, load0: float, mpix: float) 
     out = Path(opt.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out.with_suffix(".csv"), index=False)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     vers = [f"torch {torch.__version__}"]
     try:
         import sahi

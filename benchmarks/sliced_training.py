@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import io
 import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import val  # noqa: E402
+from utils.torch_utils import cpu_model  # noqa: E402
 
 TRAIN_KEYS = ("cfg", "hyp", "optimizer", "imgsz", "epochs", "batch_size", "slice")
 
@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     out = Path(opt.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out.with_suffix(".csv"), index=False)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     lines = ["# Sliced training and sliced validation", "",
              f"Command: `python benchmarks/sliced_training.py {' '.join(sys.argv[1:] if argv is None else argv)}`  ",
              f"Machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}  ",
