@@ -129,7 +129,8 @@ class Predictor:
         Tiles of `slicing.tile_size` original pixels (see utils.slicing.tile_windows) are letterboxed to `size`
         (exactly that shape, as a fixed-shape export runs) and run `slicing.batch` at a time; with `slicing.full`
         the whole image is predicted too, for objects larger than a tile. The boxes of every pass are merged per
-        class (utils.slicing.merge_detections) and `max_det` applies to each pass and to the merged result. An image that fits one tile is predicted as is.
+        class (utils.slicing.merge_detections) and `max_det` applies to each pass and to the merged result. An
+        image that fits one tile is predicted as is.
         """
         cfg = self.slicing
         h, w = image.shape[:2]

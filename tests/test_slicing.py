@@ -53,13 +53,12 @@ def test_auto_tile_size_only_for_large_images():
 
 
 def test_cut_edges_only_on_inner_tile_borders():
-    boxes = torch.tensor([[0.0, 10, 20, 30], [590, 10, 600, 30], [100, 100, 200, 200]])
+    boxes = np.array([[0.0, 10, 20, 30], [590, 10, 600, 30], [100, 100, 200, 200]])
     cut = cut_edges(boxes, (0, 0, 600, 600), (600, 1000))  # tile touches the image's left, top and bottom
     assert cut.tolist() == [[False, False, False, False], [False, False, True, False], [False, False, False, False]]
     cut = cut_edges(boxes, (0, 0, 600, 600), (1000, 1000))
     assert cut[1].tolist() == [False, False, True, False] and not cut[0].any()
-    per_box = cut_edges(boxes, None, (1000, 1000), windows=torch.tensor([[0.0, 0, 600, 600], [0, 0, 1000, 1000],
-                                                                         [100, 100, 500, 500]]))
+    per_box = cut_edges(boxes, np.array([[0.0, 0, 600, 600], [0, 0, 1000, 1000], [100, 100, 500, 500]]), (1000, 1000))
     assert per_box.tolist() == [[False] * 4, [False] * 4, [True, True, False, False]]
 
 

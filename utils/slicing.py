@@ -155,16 +155,17 @@ def tile_windows(h: int, w: int, size: int, overlap: float = 0.2) -> np.ndarray:
                     dtype=np.int64).reshape(-1, 4)
 
 
-def cut_edges(boxes: torch.Tensor, window: Sequence[int] | None, image_hw: Sequence[int], tol: float = BORDER_TOL,
-              windows: torch.Tensor | None = None) -> torch.Tensor:
-    """(n, 4) bool: which of left, top, right, bottom each box (original pixels) touches on an edge of its tile
-    that lies inside the image, i.e. where the tile cut through whatever was there. The tile is `window`, or
-    per box `windows` (n, 4)."""
+def cut_edges(boxes: np.ndarray, windows: np.ndarray | Sequence[int], image_hw: Sequence[int],
+              tol: float = BORDER_TOL) -> np.ndarray:
+    """(n, 4) bool: which of left, top, right, bottom each xyxy box (original pixels) touches on an edge of its
+    tile (`windows`: one x1, y1, x2, y2 for all, or one per box) that lies inside the image, i.e. where the tile
+    cut through whatever was there."""
     h, w = image_hw
-    win = torch.as_tensor(window, dtype=boxes.dtype).view(1, 4) if windows is None else windows.to(boxes.dtype)
-    inner = torch.stack((win[:, 0] > 0, win[:, 1] > 0, win[:, 2] < w, win[:, 3] < h), 1)
-    near = torch.stack((boxes[:, 0] <= win[:, 0] + tol, boxes[:, 1] <= win[:, 1] + tol, boxes[:, 2] >= win[:, 2] - tol,
-                        boxes[:, 3] >= win[:, 3] - tol), 1)
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    win = np.broadcast_to(np.asarray(windows, dtype=np.float64).reshape(-1, 4), b.shape)
+    inner = np.stack((win[:, 0] > 0, win[:, 1] > 0, win[:, 2] < w, win[:, 3] < h), 1)
+    near = np.stack((b[:, 0] <= win[:, 0] + tol, b[:, 1] <= win[:, 1] + tol, b[:, 2] >= win[:, 2] - tol,
+                     b[:, 3] >= win[:, 3] - tol), 1)
     return near & inner
 
 
@@ -250,7 +251,7 @@ def merge_detections(det: torch.Tensor, windows: torch.Tensor, image_hw: Sequenc
     wins = windows.detach().cpu().double().numpy().reshape(-1, 4)
     order = np.argsort(-d[:, 4], kind="stable")
     d, wins = d[order], wins[order]
-    cuts = cut_edges(torch.from_numpy(d[:, :4]), None, image_hw, windows=torch.from_numpy(wins)).numpy()
+    cuts = cut_edges(d[:, :4], wins, image_hw)
     boxes = d[:, :4].copy()
     if not agnostic:  # classes apart by more than the image: boxes of different classes never touch
         shift = (max(image_hw) + 2 * BORDER_TOL + 1) * d[:, 5:6]
