@@ -25,16 +25,11 @@ from utils.logging import LOGGER
 from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions
 from utils.plots import plot_images
 from utils.results import ValResult
-from utils.sizes import COCO_BINS, SizeBins, format_size_table, parse_sizes, plot_size_metrics
+from utils.sizes import COCO_BINS, SizeBins, format_metric, format_size_table, parse_sizes, plot_size_metrics
 
 HEADER = ("%22s" + "%11s" * 6) % ("Class", "Images", "Instances", "P", "R", "mAP50", "mAP50-95")
 ROW = "%22s" + "%11i" * 2 + "%11.3g" * 4
 IOU_THRESHOLDS = torch.linspace(0.5, 0.95, 10)  # mAP@0.5:0.95
-
-
-def format_metric(v: float) -> str:
-    """Three significant digits, as YOLOv5's table prints them (7.78e-05, not 0.000); n/a where undefined (-1)."""
-    return f"{v:.3g}" if v >= 0 else "n/a"
 
 
 @dataclass

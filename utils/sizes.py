@@ -135,7 +135,8 @@ def size_csv_values(bins: SizeBins, metrics: SizeMetrics | None) -> dict[str, fl
     return {c: got.get(c, float("nan")) for c in bins.csv_columns()}
 
 
-def _fmt(v: float) -> str:
+def format_metric(v: float) -> str:
+    """Three significant digits, as YOLOv5's table prints them (7.78e-05, not 0.000); n/a where undefined (-1)."""
     return f"{v:.3g}" if v >= 0 else "n/a"
 
 
@@ -149,8 +150,8 @@ def format_size_table(m: SizeMetrics, max_dets: int = 100) -> str:
     rows += [
         ("%22s" + cols + "   %s") % ("side px (sqrt area)", *m.bins.ranges, "original-image pixels"),
         ("%22s" + cols) % ("Instances", *m.counts),
-        ("%22s" + cols + "   %s") % ("AP", *(_fmt(v) for v in m.ap), f"AP@0.5:0.95, COCOeval, maxDets {max_dets}"),
-        ("%22s" + cols) % ("AR", *(_fmt(v) for v in m.ar)),
+        ("%22s" + cols + "   %s") % ("AP", *(format_metric(v) for v in m.ap), f"AP@0.5:0.95, COCOeval, maxDets {max_dets}"),
+        ("%22s" + cols) % ("AR", *(format_metric(v) for v in m.ar)),
     ]
     return "\n".join(rows)
 
