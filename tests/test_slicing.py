@@ -233,8 +233,10 @@ def test_slicing_finds_more_cars_than_one_pass(yolov5n, vehicles):
 
 
 @pytest.mark.slow
-def test_detect_slice_onnx_gives_the_pt_boxes(yolov5n_weights, images_dir, tmp_path):
-    """detect.py --slice with a fixed-shape ONNX export: the .pt's boxes within 1 px, more cars than one pass."""
+def test_detect_slice_exports_give_the_pt_boxes(yolov5n_weights, images_dir, tmp_path):
+    """detect.py --slice with fixed-shape ONNX, TorchScript and (where installed) OpenVINO exports: the .pt's
+    boxes within 1 px; and more cars than one pass."""
+    import importlib.util
     import shutil
 
     import detect
@@ -243,14 +245,20 @@ def test_detect_slice_onnx_gives_the_pt_boxes(yolov5n_weights, images_dir, tmp_p
 
     w = tmp_path / "yolov5n.pt"
     shutil.copy(yolov5n_weights, w)
-    onnx = export.run(weights=w, imgsz=[640], include=["onnx"])["onnx"]
+    formats = ["onnx", "torchscript"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+    files = export.run(weights=w, imgsz=[640], include=formats)
     src = images_dir / "small-vehicles1.jpeg"
-    runs = {str(f): detect.run(weights=f, source=src, slice=640, project=tmp_path, nosave=True, quiet=True)["results"][0][1]
-            for f in (w, onnx)}
-    a, b = runs.values()
-    assert len(a) == len(b) > 0
-    match = box_iou(a[:, :4], b[:, :4]).argmax(1)
-    assert (a[:, :4] - b[match, :4]).abs().max() <= 1 and torch.equal(a[:, 5], b[match, 5])
+
+    def sliced(f):
+        return detect.run(weights=f, source=src, slice=640, project=tmp_path, nosave=True, quiet=True,
+                          trust_weights=True)["results"][0][1]
+
+    a = sliced(w)
+    for fmt in formats:
+        b = sliced(files[fmt])
+        assert len(a) == len(b) > 0, fmt
+        match = box_iou(a[:, :4], b[:, :4]).argmax(1)
+        assert (a[:, :4] - b[match, :4]).abs().max() <= 1 and torch.equal(a[:, 5], b[match, 5]), fmt
     plain = detect.run(weights=w, source=src, project=tmp_path, nosave=True, quiet=True)["results"][0][1]
     assert (a[:, 5] == 2).sum() > (plain[:, 5] == 2).sum()  # more cars
     h, w_ = cv2.imread(str(src)).shape[:2]
