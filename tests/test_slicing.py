@@ -90,8 +90,9 @@ def test_merge_takes_a_cut_piece_into_the_whole_object_from_the_overlapping_tile
 
 
 def test_merge_never_grows_a_piece_into_an_unrelated_box():
-    # a piece cut at x=600 inside a much taller box of the other tile: not that box seen from the piece's tile
-    det = _det([[560, 100, 600, 140, 0.9, 0], [540, 20, 660, 300, 0.3, 0]])
+    # a piece cut at x=600 inside a much taller box of the other tile (scored alike, so only the geometry
+    # decides): not that box seen from the piece's tile
+    det = _det([[560, 100, 600, 140, 0.9, 0], [540, 20, 660, 300, 0.8, 0]])
     wins = _wins([0, 0, 600, 600], [400, 0, 1000, 600])
     out = merge_detections(det, wins, (600, 1000), method="nms")
     assert [560, 100, 600, 140] in out[:, :4].tolist() and len(out) == 2
@@ -113,9 +114,12 @@ def test_merge_keeps_neighbours_apart():
     out = merge_detections(det, wins, (500, 1000))
     assert len(out) == 4
     assert len(merge_detections(det, wins, (500, 1000), agnostic=True)) == 3
-    # two neighbours cut by the same border of one tile stay two
-    det2 = _det([[560, 100, 600, 140, 0.9, 0], [560, 141, 600, 180, 0.8, 0]])
-    assert len(merge_detections(det2, _wins([0, 0, 600, 600], [0, 0, 600, 600]), (600, 1000))) == 2
+    # two boxes of one tile cut by its border are that tile's own business (its NMS kept both): never joined as
+    # pieces, although their union agrees with each of them (IoU 0.83)
+    det2 = _det([[560, 100, 600, 150, 0.9, 0], [560, 110, 600, 160, 0.8, 0]])
+    w2 = _wins([0, 0, 600, 600], [0, 0, 600, 600])
+    assert len(merge_detections(det2, w2, (600, 1000), threshold=0.9)) == 2
+    assert len(merge_detections(det2, _wins([0, 0, 600, 600], [0, 0, 600, 601]), (600, 1000), threshold=0.9)) == 1
 
 
 def test_merge_nms_keeps_the_best_box_nmm_grows_to_the_union():
@@ -464,3 +468,24 @@ def test_train_slice_end_to_end(tmp_path, yolov5n_weights, capsys):
     assert (run / "weights" / "best.pt").is_file() and (run / "results.csv").is_file()
     opt = yaml.safe_load((run / "opt.yaml").read_text())
     assert opt["slice"] == "256"  # --resume re-creates the same sliced run
+
+
+def test_coco_max_dets_counts_crowded_images():
+    """--coco-max-dets: an image with 150 objects, all found, scores AP 1 only when more than 100 detections count."""
+    from utils.coco import COCOStyleEvaluator
+
+    xy = np.array([[x, y] for x in range(0, 1500, 100) for y in range(0, 1000, 100)], dtype=float)
+    gt = np.concatenate((xy, xy + 40), 1)
+    aps = {}
+    for n in (100, 1000):
+        ev = COCOStyleEvaluator(max_dets=n)
+        ev.update(0, gt, np.linspace(0.9, 0.5, len(gt)), np.zeros(len(gt)), gt, np.zeros(len(gt)))
+        aps[n] = ev.summarize()["AP"]
+    assert aps[1000] == pytest.approx(1.0) and aps[100] < 0.7
+
+
+def test_val_refuses_coco_max_dets_below_one(yolov5n_weights):
+    import val
+
+    with pytest.raises(UserError, match="--coco-max-dets must be at least 1"):
+        val.run(data="x.yaml", weights=yolov5n_weights, coco_max_dets=0)
