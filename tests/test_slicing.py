@@ -364,6 +364,15 @@ def test_train_refuses_slice_with_rect():
         train.parse_opt(["--slice", "640", "--rect", "--epochs", "1"])
     with pytest.raises(UserError, match="--slice-min-visibility"):
         train.parse_opt(["--slice", "640", "--slice-min-visibility", "0", "--epochs", "1"])
+    with pytest.raises(UserError, match="--slice-empty"):
+        train.parse_opt(["--slice", "640", "--slice-empty", "1.5", "--epochs", "1"])
+    from argparse import Namespace
+
+    from engine.state import train_tile_size
+
+    with pytest.raises(UserError, match="--slice 16 is below the model stride 32"):
+        train_tile_size(Namespace(slice="16"), 320, 32)
+    assert train_tile_size(Namespace(slice="auto"), 320, 32) == 320 and train_tile_size(Namespace(slice=None), 320, 32) is None
 
 
 # ----- training tiles ----------------------------------------------------------------------------------------------
