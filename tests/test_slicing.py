@@ -3,6 +3,7 @@ tiled path, sliced validation against full-resolution labels, the training tile 
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import cv2
@@ -241,7 +242,6 @@ def test_detect_slice_exports_give_the_pt_boxes(yolov5n_weights, images_dir, tmp
     """detect.py --slice with fixed-shape ONNX, TorchScript and (where installed) OpenVINO exports: the .pt's
     boxes within 1 px; and more cars than one pass."""
     import importlib.util
-    import shutil
 
     import detect
     import export
@@ -307,6 +307,18 @@ def test_sliced_validation_scores_against_full_resolution_labels(tmp_path):
     r = 320 / 1600
     shrunk = _OraclePredictor([[v * r for v in b] for b in rects])
     assert summarize(predict_dataset_sliced(shrunk, ds, 1, {0: "obj"}, imgsz=320, stride=32), {0: "obj"}).map50 < 0.01
+
+
+def test_sliced_validation_skips_an_image_broken_after_the_scan(tmp_path, capsys):
+    rects = ((100, 200, 140, 236),)
+    images = _planted_dataset(tmp_path, rects=rects)
+    shutil.copy(images / "big.png", images / "big2.png")
+    shutil.copy(tmp_path / "labels" / "big.txt", tmp_path / "labels" / "big2.txt")
+    ds = LoadImagesAndLabels(images, img_size=320, batch_size=1)
+    (images / "big2.png").write_bytes(b"\x89PNG broken")  # after the label scan accepted it
+    rec = predict_dataset_sliced(_OraclePredictor([list(map(float, rects[0]))]), ds, 1, {0: "obj"}, imgsz=320, stride=32)
+    out = capsys.readouterr().out  # LOGGER writes to stdout
+    assert rec.seen == 1 and "cannot read image" in out and "1 of 2 images could not be read" in out
 
 
 def test_val_run_slice_end_to_end(tmp_path, yolov5n_weights, capsys):
