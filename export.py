@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 from models.backends import DetectMultiBackend  # noqa: E402
 from models.checkpoints import load_model  # noqa: E402
-from models.quantize import (INT8_DEFAULTS, CalibrationReader, calibration_files, head_scope,  # noqa: E402
+from models.quantize import (CALIB_METHODS, INT8_DEFAULTS, CalibrationReader, calibration_files, head_scope,  # noqa: E402
                              quantize_onnx, quantize_openvino)
 from models.spd_export import to_export_form  # noqa: E402
 from utils.augmentations import letterbox  # noqa: E402
@@ -426,7 +426,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="dataset.yaml whose train split calibrates --int8")
     parser.add_argument("--calib-images", type=int, default=INT8_DEFAULTS["calib_images"],
                         help="number of train images to calibrate --int8 on")
-    parser.add_argument("--calib-method", default=INT8_DEFAULTS["method"], choices=("minmax", "entropy", "percentile"),
+    parser.add_argument("--calib-method", default=INT8_DEFAULTS["method"], choices=CALIB_METHODS,
                         help="ONNX Runtime calibration method for --int8")
     parser.add_argument("--quiet", action="store_true", help="print only warnings and errors")
     return parser.parse_args(argv)

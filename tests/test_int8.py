@@ -209,3 +209,78 @@ def test_float_nodes_are_the_detect_layer_only():
         "g", [onnx.helper.make_tensor_value_info("x", 1, [1])], [onnx.helper.make_tensor_value_info("y", 1, [1])]))
     assert head_scope(m) == "/model.12/"  # numerically last, not lexically ('/model.3/' > '/model.12/')
     assert float_nodes(m) == ["/model.12/m.0/Conv", "/model.12/Sigmoid"]
+
+
+# --- activation ranges (ONNX Runtime): a two-conv graph small enough to reason about ----------------------
+def _silu_graph(tmp_path: Path) -> Path:
+    """images -> Conv -> SiLU (Sigmoid, Mul) -> Conv, the second conv named as a Detect layer's output conv."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w0 = numpy_helper.from_array(rng.normal(0, 2, (4, 3, 3, 3)).astype(np.float32), "w0")
+    b0 = numpy_helper.from_array(np.zeros(4, np.float32), "b0")
+    w1 = numpy_helper.from_array(rng.normal(0, 1, (2, 4, 1, 1)).astype(np.float32), "w1")
+    nodes = [helper.make_node("Conv", ["images", "w0", "b0"], ["pre"], name="/model.0/conv/Conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["pre"], ["sig"], name="/model.0/act/Sigmoid"),
+             helper.make_node("Mul", ["pre", "sig"], ["silu"], name="/model.0/act/Mul"),
+             helper.make_node("Conv", ["silu", "w1"], ["out"], name="/model.1/m.0/Conv")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 8, 8])], [w0, b0, w1])
+    f = tmp_path / "silu.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(f))
+    return f
+
+
+class _Batches:
+    """A calibration reader over fixed arrays (CalibrationReader's interface)."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.rewind()
+
+    def rewind(self):
+        self._it, self.images_seen = iter(self.arrays), 0
+
+    def get_next(self):
+        x = next(self._it, None)
+        if x is None:
+            return None
+        self.images_seen += 1
+        return {"images": x}
+
+
+def test_mean_minmax_averages_per_image_ranges(tmp_path):
+    from models.quantize import activation_ranges
+
+    f = _silu_graph(tmp_path)
+    a, b = np.full((1, 3, 8, 8), 0.25, np.float32), np.full((1, 3, 8, 8), 0.25, np.float32)
+    a[..., 0, 0], b[..., 0, 0] = 1.0, 3.0  # per-image max 1 and 3
+    mean = activation_ranges(f, _Batches([a, b]), "mean-minmax")["images"]
+    glob = activation_ranges(f, _Batches([a, b]), "minmax")["images"]
+    assert mean == pytest.approx((0.25, 2.0)) and glob == pytest.approx((0.25, 3.0))
+
+
+def test_silu_inputs_floored_and_the_silus_feeding_detect_stay_float(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from models.quantize import SILU_FLOOR, head_input_silus, quantize_onnx, silu_inputs
+
+    f = _silu_graph(tmp_path)
+    m = onnx.load(str(f))
+    assert silu_inputs(m) == ["pre"]
+    assert head_input_silus(m) == ["/model.0/act/Sigmoid", "/model.0/act/Mul"]
+    rng = np.random.default_rng(1)
+    reader = _Batches([rng.uniform(0, 1, (1, 3, 8, 8)).astype(np.float32) * 20 for _ in range(3)])
+    info = quantize_onnx(f, tmp_path / "q.onnx", reader)
+    assert info["calib_images"] == 3 and info["floored_tensors"] == 1 and info["method"] == "mean-minmax"
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    init = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    (qpre,) = [n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "pre"]
+    scale, zp = float(init[qpre.input[1]]), int(init[qpre.input[2]])
+    assert -zp * scale == pytest.approx(SILU_FLOOR, abs=scale)  # the grid starts at the floor, not at the minimum
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert "sig" not in quantized and "silu" not in quantized  # Detect reads the SiLU in float
+    assert any(n.op_type == "DequantizeLinear" and n.output[0] in
+               next(c for c in q.graph.node if c.name == "/model.0/conv/Conv").input for n in q.graph.node)
