@@ -49,6 +49,10 @@ def versions() -> str:
 
 
 def prepare(model: str, folder: Path) -> Path:
+    if model.endswith(".pt"):  # a checkpoint of the user's, e.g. fine-tuned on --data
+        w = folder / Path(model).name
+        shutil.copy(model, w)
+        return w
     w = folder / f"{model}.pt"
     if model == "yolov5n":
         shutil.copy(WEIGHTS, w)
@@ -78,7 +82,7 @@ def run(models: list[str], data: str, imgsz: int, calib_images: int, out: str) -
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
-            d = Path(tmp) / model
+            d = Path(tmp) / Path(model).stem
             d.mkdir()
             w = prepare(model, d)
             inc = ["onnx"] + (["openvino"] if ov else [])
@@ -87,12 +91,18 @@ def run(models: list[str], data: str, imgsz: int, calib_images: int, out: str) -
             for fmt in inc:
                 m32, s32 = evaluate(fp32[fmt], data, imgsz)
                 m8, s8 = evaluate(int8[fmt], data, imgsz)
-                rows.append({"model": model, "runtime": "ONNX Runtime" if fmt == "onnx" else "OpenVINO",
+                rows.append({"model": Path(model).stem, "runtime": "ONNX Runtime" if fmt == "onnx" else "OpenVINO",
                              "fp32_mAP50-95": m32, "int8_mAP50-95": m8, "d_mAP": round(m8 - m32, 4),
                              "fp32_APs": s32, "int8_APs": s8, "d_APs": round(s8 - s32, 4)})
                 print(rows[-1], flush=True)
     write(rows, out, models, data, imgsz, calib_images)
     return rows
+
+
+def sha256(path: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write(rows: list[dict], out: str, models, data, imgsz, calib_images) -> None:
@@ -102,11 +112,13 @@ def write(rows: list[dict], out: str, models, data, imgsz, calib_images) -> None
         w.writeheader()
         w.writerows(rows)
     cmd = "python benchmarks/int8_accuracy.py " + " ".join(sys.argv[1:])
-    lines = [f"# int8 vs fp32 accuracy ({', '.join(models)})", "",
+    lines = [f"# int8 vs fp32 accuracy ({', '.join(Path(m).stem for m in models)})", "",
              f"Command: `{cmd}`  ", f"Machine: {machine()}  ", f"Versions: {versions()}  ",
+             *[f"Weights: {Path(m).name}, sha256 {sha256(m)[:16]}  " for m in models if m.endswith(".pt")],
              f"val.py on {Path(data).name} at {imgsz} (fixed-shape exports, batch 1); int8 calibrated with "
              f"export.py --int8 defaults on the train split (--calib-images {calib_images}); ONNX Runtime: QDQ, "
-             "per-channel int8 weights, uint8 MinMax activations; OpenVINO: NNCF MIXED preset. "
+             "per-channel int8 weights, uint8 activations over mean-minmax ranges with SiLU inputs floored at -8, "
+             "the SiLUs feeding Detect in float (models/quantize.py); OpenVINO: NNCF MIXED preset. "
              "Detect layer in float in both.", "",
              "| model | runtime | fp32 mAP50-95 | int8 mAP50-95 | Δ | fp32 APs | int8 APs | Δ |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -119,7 +131,8 @@ def write(rows: list[dict], out: str, models, data, imgsz, calib_images) -> None
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["yolov5n", "yolov5n-spd"], choices=["yolov5n", "yolov5n-spd"])
+    p.add_argument("--models", nargs="+", default=["yolov5n", "yolov5n-spd"],
+                   help="yolov5n (../shared/weights/yolov5n.pt), yolov5n-spd (its exact SPD transfer) or a .pt file")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--calib-images", type=int, default=300)
