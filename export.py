@@ -192,7 +192,8 @@ def export_onnx_int8(src: Path, f: Path, meta: dict, q: dict) -> Path:
     _set_onnx_metadata(m, {**meta, "int8": True, "quantization": {"runtime": "onnxruntime", **info}})
     onnx.save(m, str(f))
     LOGGER.info(f"ONNX int8: {info['calib_images']} calibration images, {info['quantize_nodes']} QuantizeLinear nodes, "
-          f"{info['float_nodes']} nodes of {info['float_scope']} (Detect) in float")
+                f"{info['float_nodes']} nodes in float (Detect {info['float_scope']} and the SiLUs it reads), "
+                f"{info['floored_tensors']} SiLU inputs floored at {info['silu_floor']}")
     return f
 
 
