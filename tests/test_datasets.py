@@ -465,3 +465,22 @@ def test_hyp_yamls_hold_yolov5_values():
     assert (med["lrf"], med["cls"], med["obj"], med["scale"], med["mixup"], med["copy_paste"]) == (0.1, 0.3, 0.7, 0.9, 0.1, 0.0)
     assert high == dict(med, copy_paste=0.1)
     assert none["mosaic"] == none["fliplr"] == none["hsv_s"] == none["scale"] == 0
+
+
+def test_shutdown_workers_stops_persistent_workers_now(tmp_path):
+    """Workers ignore SIGTERM, so train.py/val.py stop them explicitly (see utils.datasets.shutdown_workers)."""
+    import multiprocessing
+
+    from utils.datasets import shutdown_workers
+
+    loader, _ = create_dataloader(_coloured_dataset(tmp_path), 64, 2, 32, workers=2, seed=0)
+    for _ in loader:
+        pass
+    workers = [p for p in multiprocessing.active_children() if p.is_alive()]
+    assert loader._iterator is not None and len(workers) >= loader.num_workers == 2  # persistent: still there
+    held = loader._iterator  # as a reference cycle would hold it: dropping the loader's own reference is not enough
+    shutdown_workers(loader, None)
+    assert loader._iterator is None and not any(p.is_alive() for p in workers)
+    assert len(list(loader)) > 0  # the loader still works: a fresh iteration starts new workers
+    shutdown_workers(loader)
+    del held

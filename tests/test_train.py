@@ -112,3 +112,15 @@ def test_sigkill_then_resume_finishes_planned_epochs(coco8, tmp_path):
     assert epochs_logged == list(range(epochs))
     assert torch.load(last, weights_only=True)["epoch"] == epochs - 1
     assert not list(last.parent.glob("*.tmp"))  # temporaries of a killed write are cleaned up by the next run
+
+
+def test_returns_to_the_shell_with_loader_workers(coco8, tmp_path):
+    """With loader workers (the default everywhere but these tests' COMMON), train.py must exit after its
+    last line. The workers ignore SIGTERM, so any still alive at interpreter exit blocked multiprocessing's
+    exit handler for ever: this exact command hung every time before train() stopped them itself."""
+    cmd = [sys.executable, "train.py", "--data", str(coco8), "--cfg", "yolov5n-spd.yaml", "--weights", "",
+           "--img", "64", "--batch", "16", "--epochs", "1", "--workers", "2", "--device", "cpu",
+           "--project", str(tmp_path), "--name", "w"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    assert (tmp_path / "w" / "weights" / "best.pt").is_file()

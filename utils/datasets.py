@@ -66,6 +66,20 @@ class EpochDataLoader(DataLoader):
         return super().__iter__()
 
 
+def shutdown_workers(*loaders: DataLoader | None) -> None:
+    """Stop the persistent workers of `loaders` now, as DataLoader does when it is garbage collected.
+
+    The workers ignore SIGTERM (seed_worker), and multiprocessing's exit handler stops leftover children
+    with SIGTERM and then joins them: a loader still alive at interpreter exit (one held by a reference
+    cycle, which the garbage collector had not freed yet) made train.py hang after its last line.
+    """
+    for loader in loaders:
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+            loader._iterator = None
+
+
 def seed_worker(worker_id: int) -> None:
     """Seed numpy and random in each loader worker from torch's per-worker seed (set by the generator)."""
     ignore_interrupts()
