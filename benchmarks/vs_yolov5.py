@@ -57,7 +57,17 @@ SHARED = ROOT.parent / "shared"
 JOBS = ("train-n", "train-n-spd", "val", "detect-images", "detect-video", "latency-n", "latency-n-spd")
 OURS, REF = "this project", "YOLOv5 v7.0"
 
-# One forward-latency probe per tool, run as `python -c CODE CFG IMGSZ RUNS FOLDER`; prints the median ms.
+# One forward-latency probe per tool, run as `python -c CODE CFG IMGSZ RUNS FOLDER`: each builds a seeded model
+# from CFG, saves it and loads it back through the tool's own DetectMultiBackend, then _TIMED_FORWARD prints the
+# median ms of RUNS forward passes after 3 warm-up ones.
+_TIMED_FORWARD = """
+x = torch.rand(1, 3, imgsz, imgsz)
+t = []
+with torch.inference_mode():
+    for i in range(runs + 3):
+        t0 = time.perf_counter(); model(x); t.append(time.perf_counter() - t0)
+print("LATENCY_MS", 1000 * statistics.median(t[3:]))
+"""
 _LATENCY_OURS = """
 import statistics, sys, time, torch
 sys.path.insert(0, {root!r})
@@ -71,12 +81,6 @@ m.names = {{i: str(i) for i in range(m.yaml["nc"])}}
 f = folder + "/ours.pt"
 atomic_save(make_checkpoint(m, half=False), f)
 model = DetectMultiBackend(f)
-x = torch.rand(1, 3, imgsz, imgsz)
-t = []
-with torch.inference_mode():
-    for i in range(runs + 3):
-        t0 = time.perf_counter(); model(x); t.append(time.perf_counter() - t0)
-print("LATENCY_MS", 1000 * statistics.median(t[3:]))
 """
 _LATENCY_REF = """
 import os, statistics, sys, time, torch
@@ -92,12 +96,6 @@ m.names = [str(i) for i in range(m.yaml["nc"])]
 f = folder + "/ref.pt"
 torch.save({"model": m.half(), "epoch": -1}, f)
 model = DetectMultiBackend(f, device=torch.device("cpu"), fuse=True)
-x = torch.rand(1, 3, imgsz, imgsz)
-t = []
-with torch.inference_mode():
-    for i in range(runs + 3):
-        t0 = time.perf_counter(); model(x); t.append(time.perf_counter() - t0)
-print("LATENCY_MS", 1000 * statistics.median(t[3:]))
 """
 
 
@@ -181,7 +179,7 @@ def build_jobs(names: list[str], ref_py: str | None, data: Path, n_train: int, t
                             both("detect", ["--weights", weights, "--source", video], "det-vid"), frame_count(video)),
     }
     for cfg in ("n", "n-spd"):
-        code = {OURS: _LATENCY_OURS.format(root=str(ROOT)), REF: _LATENCY_REF}
+        code = {OURS: _LATENCY_OURS.format(root=str(ROOT)) + _TIMED_FORWARD, REF: _LATENCY_REF + _TIMED_FORWARD}
         cfgs = {OURS: f"yolov5{cfg}.yaml", REF: spd_ref if cfg == "n-spd" else "yolov5n.yaml"}
         cmds = {side: [py, "-c", code[side], cfgs[side], str(opt.val_img), str(opt.latency_runs), str(tmp)]
                 for side, py in ((OURS, ours_py), (REF, ref_py)) if py}
