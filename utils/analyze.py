@@ -200,10 +200,14 @@ def _round32(x: float) -> int:
 
 def recommend_size_and_slicing(objs: Objects, img: int) -> tuple[list[Advice], np.ndarray]:
     """Image size and slicing advice, and every object's scale under the advised set-up."""
-    lost = shares_at(objs, tile_scale(objs, img, None))["shrunk_below_8"]
+
+    def shrunk(size: int, tile: float | None = None) -> float:  # share shrunk below TINY px at that set-up
+        return shares_at(objs, tile_scale(objs, size, tile))["shrunk_below_8"]
+
+    lost = shrunk(img)
     largest = _round32(objs.long_side.max()) if len(objs.long_side) else img
     sizes = list(range(64, max(largest, img) + 32, 32))
-    need = next((s for s in sizes if shares_at(objs, tile_scale(objs, s, None))["shrunk_below_8"] <= MAX_LOST), sizes[-1])
+    need = next((s for s in sizes if shrunk(s) <= MAX_LOST), sizes[-1])
     if lost <= MAX_LOST:
         smaller = f"; --img {need} would still keep them (faster)" if need <= 0.75 * img else ""
         return [Advice("image size", f"--img {img} is fine",
@@ -214,45 +218,43 @@ def recommend_size_and_slicing(objs: Objects, img: int) -> tuple[list[Advice], n
     if need <= 1.5 * img:  # a moderately larger input is simpler than tiles
         return [Advice("image size", f"--img {need}",
                        f"at {img}, letterboxing shrinks {_pct(lost)} of the objects below {TINY:g} px; at {need} "
-                       f"{_pct(shares_at(objs, tile_scale(objs, need, None))['shrunk_below_8'])}"),
+                       f"{_pct(shrunk(need))}"),
                 Advice("slicing", "no", f"--img {need} is enough to keep the objects")], tile_scale(objs, need, None)
-    tiles = [t for t in range(img, largest + 32, 32)
-             if shares_at(objs, tile_scale(objs, img, t))["shrunk_below_8"] <= MAX_LOST]
+    tiles = [t for t in range(img, largest + 32, 32) if shrunk(img, t) <= MAX_LOST]
     tile = max(tiles) if tiles else img  # tiles of img px are never shrunk
-    after = shares_at(objs, tile_scale(objs, img, tile))["shrunk_below_8"]
     big = float((objs.long_side > tile).mean()) if len(objs.long_side) else 0.0
     return [Advice("image size", f"keep --img {img}, with slicing",
                    f"a whole image would need --img {need} to keep the objects (images up to {largest} px)"),
             Advice("slicing", f"yes: --slice {tile} (tiles of {tile} px letterboxed to {img})",
                    f"letterboxing whole images to {img} shrinks {_pct(lost)} of the objects below {TINY:g} px; "
-                   f"{tile} px tiles shrink {_pct(after)} ({_pct(big)} of the objects lie in images larger than a tile)")], \
+                   f"{tile} px tiles shrink {_pct(shrunk(img, tile))} ({_pct(big)} of the objects lie in images "
+                   f"larger than a tile)")], \
         tile_scale(objs, img, tile)
+
+
+def _lever(topic: str, share: float, threshold: float, fact: str, already: str | None, worth: str, why: str,
+           no: str) -> Advice:
+    """Advice on one model change from the share of objects it serves ('<share> of the objects <fact>')."""
+    if already:
+        return Advice(topic, already, f"{_pct(share)} of the objects {fact}")
+    if share >= threshold:
+        return Advice(topic, worth, f"{_pct(share)} of the objects {fact} at the advised set-up{why}")
+    return Advice(topic, no, f"only {_pct(share)} of the objects {fact} at the advised set-up (threshold {_pct(threshold)})")
 
 
 def recommend_model(objs: Objects, scale: np.ndarray, cfg: str, levels: Sequence[Level]) -> list[Advice]:
     # cfg: the config's file name (it decides whether the model already has P2 or SPD)
     """P2 and SPD advice from the object sizes under the advised set-up (scale per object)."""
-    s = shares_at(objs, scale)
+    s, name = shares_at(objs, scale), Path(cfg).name
     finest = min(lv.stride for lv in levels) if levels else 8
-    if finest <= 4:
-        p2 = Advice("P2 head", f"{Path(cfg).name} already has a stride-{finest:g} level", f"{_pct(s['below_cell'])} of the "
-                    f"objects fit inside one stride-8 cell")
-    elif s["below_cell"] >= P2_SHARE:
-        p2 = Advice("P2 head", "worth trying (e.g. models/yolov5n-p2.yaml, a stride-4 level)",
-                    f"{_pct(s['below_cell'])} of the objects fit inside one stride-8 cell (both sides < 8 px) at the "
-                    f"advised set-up; a stride-4 level gives them cells of their own")
-    else:
-        p2 = Advice("P2 head", "not needed", f"only {_pct(s['below_cell'])} of the objects fit inside one stride-8 cell "
-                    f"at the advised set-up (threshold {_pct(P2_SHARE)})")
-    if "spd" in Path(cfg).name.lower():
-        spd = Advice("SPD", f"{Path(cfg).name} is already an SPD model", f"{_pct(s['below_32'])} of the objects are under {SMALL:g} px")
-    elif s["below_32"] >= SPD_SHARE:
-        spd = Advice("SPD", "worth trying (e.g. models/yolov5n-spd.yaml or -spdlite)",
-                     f"{_pct(s['below_32'])} of the objects are under {SMALL:g} px at the advised set-up: strided "
-                     f"convolutions drop pixels of these, space-to-depth keeps them")
-    else:
-        spd = Advice("SPD", "little to gain", f"only {_pct(s['below_32'])} of the objects are under {SMALL:g} px "
-                     f"(threshold {_pct(SPD_SHARE)})")
+    p2 = _lever("P2 head", s["below_cell"], P2_SHARE, "fit inside one stride-8 cell",
+                f"{name} already has a stride-{finest:g} level" if finest <= 4 else None,
+                "worth trying (e.g. models/yolov5n-p2.yaml, a stride-4 level)",
+                " (both sides < 8 px); a stride-4 level gives them cells of their own", "not needed")
+    spd = _lever("SPD", s["below_32"], SPD_SHARE, f"are under {SMALL:g} px",
+                 f"{name} is already an SPD model" if "spd" in name.lower() else None,
+                 "worth trying (e.g. models/yolov5n-spd.yaml or -spdlite)",
+                 ": strided convolutions drop pixels of these, space-to-depth keeps them", "little to gain")
     return [p2, spd]
 
 
@@ -266,10 +268,11 @@ def analyze(data: str | Path | dict, img: int = 640, cfg: str | Path | dict = "y
     images, objs, problems = gather(d)
     if not len(objs.w):
         raise UserError(f"{data}: no labelled objects to analyse")
-    at_img = shares_at(objs, tile_scale(objs, img, None))
+    img_scale = tile_scale(objs, img, None)
+    at_img = shares_at(objs, img_scale)
     native = shares_at(objs, np.ones(len(objs.w)))
     numbers = {**{f"{k}_at_img": v for k, v in at_img.items()}, **{f"{k}_native": v for k, v in native.items()},
-               "shrunk_below_8_count": float(((objs.side >= TINY) & (objs.side * tile_scale(objs, img, None) < TINY)).sum())}
+               "shrunk_below_8_count": float(((objs.side >= TINY) & (objs.side * img_scale < TINY)).sum())}
     per_level, bpr = level_bpr(objs, img, levels)
     size_adv, scale = recommend_size_and_slicing(objs, img)
     advice = size_adv + recommend_model(objs, scale, cfg, levels)
