@@ -245,19 +245,19 @@ def quantize_onnx(src: Path, dst: Path, reader: CalibrationReader, method: str =
         calib_images = reader.images_seen
         if calib_images == 0:
             raise UserError("--int8 calibration set is empty: none of its images could be read")
-        floored = set(silu_inputs(model)) if silu_floor is not None else set()
-        overrides = {name: [{"rmin": np.float32(silu_floor if name in floored and lo < 0 else lo),
-                             "rmax": np.float32(hi)}] for name, (lo, hi) in ranges.items()}
+        # SiLU inputs that reach below 0 start their grid at the floor (module docstring)
+        floored = {t for t in silu_inputs(model) if t in ranges and ranges[t][0] < 0} if silu_floor is not None else set()
+        overrides = {name: [{"rmin": np.float32(silu_floor if name in floored else lo), "rmax": np.float32(hi)}]
+                     for name, (lo, hi) in ranges.items()}
         _quantize(src, dst, reader, keep, op_types, symmetric, reduce_range, overrides)
     finally:
         if src.name.startswith("."):
             src.unlink(missing_ok=True)
     q = onnx.load(str(dst))
     n_q = sum(n.op_type == "QuantizeLinear" for n in q.graph.node)
-    n_floored = sum(ranges[t][0] < 0 for t in floored if t in ranges)
     return {"method": method, "calib_images": calib_images, "float_nodes": len(keep),
             "float_scope": head_scope(model), "quantize_nodes": n_q, "silu_floor": silu_floor,
-            "floored_tensors": n_floored}
+            "floored_tensors": len(floored)}
 
 
 # --- OpenVINO (NNCF) -------------------------------------------------------------------------------------
