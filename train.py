@@ -101,10 +101,11 @@ def end_of_epoch(state: TrainState, epoch: int, mloss: torch.Tensor, lr: list[fl
     """On the saving rank: validate the EMA, log the row, keep best.pt; returns (results, stop)."""
     state.ema.update_attr(state.model, include=["yaml", "nc", "hyp", "names", "stride", "class_weights"])
     final_epoch = (epoch + 1 == opt.epochs) or stopper.possible_stop
+    sizes = parse_sizes(getattr(opt, "sizes", "coco"))
     if not opt.noval or final_epoch:
         results = evaluate(state.ema.ema, state.val_loader, state.nc, state.names, single_cls=opt.single_cls,
-                           amp=state.amp, compute_loss=state.compute_loss, sizes=parse_sizes(getattr(opt, "sizes", "coco")),
-                           slicing=state.slicing, imgsz=state.imgsz)
+                           amp=state.amp, compute_loss=state.compute_loss, sizes=sizes, slicing=state.slicing,
+                           imgsz=state.imgsz)
         state.maps = results.maps
     fi = results.fitness
     stop = stopper(epoch=epoch, fitness=fi)
@@ -112,7 +113,7 @@ def end_of_epoch(state: TrainState, epoch: int, mloss: torch.Tensor, lr: list[fl
         state.best_fitness = fi
     values = {**dict(zip(RESULT_KEYS[:3], mloss.tolist())), **results.csv_values(), **dict(zip(RESULT_KEYS[-3:], lr))}
     # the --sizes bins after YOLOv5's columns, so readers that go by column position still find theirs
-    logger.log(epoch, {**{k: values[k] for k in RESULT_KEYS}, **size_csv_values(parse_sizes(getattr(opt, "sizes", "coco")), results.sizes)})
+    logger.log(epoch, {**{k: values[k] for k in RESULT_KEYS}, **size_csv_values(sizes, results.sizes)})
     if not opt.nosave or final_epoch:
         writer.save(epoch, is_best=state.best_fitness == fi, final=final_epoch)
     return results, stop

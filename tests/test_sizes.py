@@ -157,8 +157,8 @@ def test_results_csv_keeps_todays_columns_and_adds_the_bins(tmp_path):
     base = {k: 0.5 for k in RESULT_KEYS}
     logger.log(0, {**base, **size_csv_values(bins, res.sizes)})
     logger.log(1, {**base, **size_csv_values(bins, ValResult().sizes)})  # a --noval epoch: empty cells
-    # a resume under other bins keeps the file's own columns
-    logger.log(2, {**base, **size_csv_values(parse_sizes("coco"), None)})
+    # a resume (a new logger on the file) under other bins keeps the file's own columns
+    ResultsLogger(tmp_path, start_epoch=2, tensorboard=False).log(2, {**base, **size_csv_values(parse_sizes("coco"), None)})
     with open(tmp_path / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:17] == ["epoch", *RESULT_KEYS]

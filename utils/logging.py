@@ -78,7 +78,8 @@ class ResultsLogger:
 
     def __init__(self, save_dir: Path, start_epoch: int = 0, tensorboard: bool = True):
         self.csv = Path(save_dir) / "results.csv"
-        self._truncate(start_epoch)
+        # a resumed run keeps the file's own columns (e.g. one started with other --sizes bins)
+        self._columns = self._truncate(start_epoch)
         self.tb = None
         if tensorboard:
             try:
@@ -88,28 +89,29 @@ class ResultsLogger:
             except Exception as e:  # logging must never stop a training run
                 LOGGER.warning(f"TensorBoard logging disabled ({e})")
 
-    def _truncate(self, start_epoch: int) -> None:
-        """Keep only rows of epochs before start_epoch, so a resumed run has no duplicated epochs."""
+    def _truncate(self, start_epoch: int) -> list[str] | None:
+        """Keep only rows of epochs before start_epoch, so a resumed run has no duplicated epochs; returns the
+        file's value columns (None when there is no file yet)."""
         if not self.csv.exists():
-            return
+            return None
         with open(self.csv, newline="") as f:
             rows = list(csv.reader(f))
         if not rows:
-            return
+            return None
         kept = [rows[0]] + [r for r in rows[1:] if r and r[0].strip().isdigit() and int(r[0]) < start_epoch]
         if len(kept) != len(rows):
             tmp = self.csv.with_suffix(".csv.tmp")
             with open(tmp, "w", newline="") as f:
                 csv.writer(f).writerows(kept)
             os.replace(tmp, self.csv)
+        return rows[0][1:]
 
     def log(self, epoch: int, values: dict[str, float]) -> None:
-        new = not self.csv.exists()
-        if not new:  # a resumed run keeps the file's own columns (e.g. one started with other --sizes bins)
-            with open(self.csv, newline="") as f:
-                header = next(csv.reader(f), ["epoch", *values])[1:]
-            if header != list(values):
-                values = {k: values.get(k, float("nan")) for k in header}
+        new = not self.csv.exists() or self.csv.stat().st_size == 0
+        if new or self._columns is None:  # the first row written fixes the columns
+            self._columns = list(values)
+        if self._columns != list(values):
+            values = {k: values.get(k, float("nan")) for k in self._columns}
         with open(self.csv, "a", newline="") as f:
             w = csv.writer(f)
             if new:
