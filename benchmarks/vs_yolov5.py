@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -105,7 +105,6 @@ class Job:
     what: str  # the figure, in words, for the table
     commands: dict[str, list[str]]  # side -> argv
     items: int = 0  # images (or frames) the job processes, for a per-second figure; 0 = none
-    env: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def reference_python(arg: str | None) -> str | None:
@@ -147,10 +146,6 @@ def reference_spd_cfg(tmp: Path) -> Path:
 
 def build_jobs(names: list[str], ref_py: str | None, data: Path, n_train: int, tmp: Path, opt) -> list[Job]:
     ours_py, weights = sys.executable, str(opt.weights)
-    ref_env = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "YOLOV5_CONFIG_DIR": str(tmp / "yolov5_config")}
-    font = Path(__import__("matplotlib").get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    (tmp / "yolov5_config").mkdir(exist_ok=True)
-    shutil.copy(font, tmp / "yolov5_config" / "Arial.ttf")
     spd_ref = str(reference_spd_cfg(tmp))
 
     def both(script: str, args: list[str], name: str, ref_args: list[str] | None = None) -> dict[str, list[str]]:
@@ -184,10 +179,15 @@ def build_jobs(names: list[str], ref_py: str | None, data: Path, n_train: int, t
         cmds = {side: [py, "-c", code[side], cfgs[side], str(opt.val_img), str(opt.latency_runs), str(tmp)]
                 for side, py in ((OURS, ours_py), (REF, ref_py)) if py}
         jobs[f"latency-{cfg}"] = Job(f"latency-{cfg}", f"forward, yolov5{cfg}, batch 1 at {opt.val_img}, ms", cmds)
-    out = [jobs[n] for n in names]
-    for j in out:
-        j.env = {REF: ref_env}
-    return out
+    return [jobs[n] for n in names]
+
+
+def reference_env(tmp: Path) -> dict[str, str]:
+    """What the reference's processes run with (see the module docstring): a local font, old torch.load."""
+    font = Path(__import__("matplotlib").get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    (tmp / "yolov5_config").mkdir(exist_ok=True)
+    shutil.copy(font, tmp / "yolov5_config" / "Arial.ttf")
+    return {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "YOLOV5_CONFIG_DIR": str(tmp / "yolov5_config")}
 
 
 def frame_count(video: str) -> int:
@@ -199,11 +199,11 @@ def frame_count(video: str) -> int:
     return n
 
 
-def run_once(job: Job, side: str) -> dict:
-    """One process of `job` on `side`; its wall time (or the latency it printed) and what it processed."""
-    env = {**os.environ, **job.env.get(side, {})}
+def run_once(job: Job, side: str, env: dict[str, str] | None = None) -> dict:
+    """One process of `job` on `side` (with `env` added to the environment); its wall time (or the latency it
+    printed) and what it processed."""
     t0 = time.perf_counter()
-    r = subprocess.run(job.commands[side], cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run(job.commands[side], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode:
         raise SystemExit(f"{job.name} ({side}) failed:\n{' '.join(job.commands[side][:4])} ...\n"
@@ -219,13 +219,14 @@ def run_once(job: Job, side: str) -> dict:
     return row
 
 
-def measure(jobs: list[Job], pairs: int) -> list[dict]:
+def measure(jobs: list[Job], pairs: int, envs: dict[str, dict[str, str]] | None = None) -> list[dict]:
+    """Every job `pairs` times on each side, alternating which side goes first; `envs`: per side."""
     rows = []
     for job in jobs:
         for i in range(pairs):
             sides = [s for s in (OURS, REF) if s in job.commands]
             for side in (sides if i % 2 == 0 else sides[::-1]):
-                row = {**run_once(job, side), "pair": i}
+                row = {**run_once(job, side, (envs or {}).get(side)), "pair": i}
                 rows.append(row)
                 print(f"  {job.name:14s} pair {i} {side:13s} {row['value']:9.2f}"
                       f"{'  ' + str(row.get('per_s')) + '/s' if row.get('per_s') else ''}", flush=True)
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         data, n_train = prepare_data(Path(opt.data), Path(tmp))
         jobs = build_jobs(opt.jobs, ref_py, data, n_train, Path(tmp), opt)
-        rows = measure(jobs, opt.pairs)
+        rows = measure(jobs, opt.pairs, {REF: reference_env(Path(tmp))})
         commands = {j.name: shown_command(j, tmp) for j in jobs}
     summary = summarise(jobs, rows)
     write(summary, rows, commands, Path(opt.out), ref_py, (load0, os.getloadavg()[0]))

@@ -34,10 +34,11 @@ def test_summary_without_the_reference_has_no_ratio():
 
 def test_pairs_alternate_which_side_runs_first(monkeypatch):
     order = []
-    monkeypatch.setattr(vs, "run_once", lambda job, side: (order.append(side), {"job": job.name, "side": side,
-                                                                                "wall_s": 1.0, "value": 1.0})[1])
-    vs.measure([_job()], pairs=4)
-    assert order == [vs.OURS, vs.REF, vs.REF, vs.OURS, vs.OURS, vs.REF, vs.REF, vs.OURS]
+    monkeypatch.setattr(vs, "run_once", lambda job, side, env: (order.append((side, env)), {
+        "job": job.name, "side": side, "wall_s": 1.0, "value": 1.0})[1])
+    vs.measure([_job()], pairs=4, envs={vs.REF: {"X": "1"}})
+    assert [s for s, _ in order] == [vs.OURS, vs.REF, vs.REF, vs.OURS, vs.OURS, vs.REF, vs.REF, vs.OURS]
+    assert all((env == {"X": "1"}) == (side == vs.REF) for side, env in order)  # only the reference gets its env
 
 
 def test_reference_spd_config_swaps_only_the_space_to_depth_layers(tmp_path):
@@ -60,7 +61,7 @@ def test_dataset_is_copied_and_the_yaml_points_at_the_copy(tmp_path):
     assert n == len(list((data.parent / "images" / "train").glob("*.jpg")))
 
 
-def test_no_reference_is_one_line_and_ours_still_runs(monkeypatch, capsys):
+def test_reference_python_is_none_without_yolov5_and_a_missing_one_is_refused(monkeypatch):
     monkeypatch.setattr(vs.importlib.util, "find_spec", lambda name: None)
     assert vs.reference_python(None) is None
     with pytest.raises(SystemExit, match="does not exist"):
