@@ -38,7 +38,6 @@ from utils.checkpoints import atomic_save  # noqa: E402
 from utils.checks import check_loader_args  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
-from utils.datasets import shutdown_workers  # noqa: E402
 from utils.files import check_writable, claim_run_dir, increment_path  # noqa: E402
 from utils.logging import LOGGER, RESULT_KEYS, ResultsLogger, WarningsOnly, colorstr, set_verbosity  # noqa: E402
 from utils.optim import EarlyStopping, warmup_warning  # noqa: E402
@@ -206,21 +205,18 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> ValResult
     t0 = time.time()
     if main_rank and (msg := warmup_warning(state.nw, (opt.epochs - state.start_epoch) * state.nb)):
         LOGGER.warning(msg.removeprefix("WARNING: "))
-    try:
-        writer = CheckpointWriter(save_dir / "weights", lambda e: checkpoint(state, e, opt), opt.save_period)
-        if main_rank and resume_ckpt is None and not opt.nosave:
-            atomic_save(checkpoint(state, -1, opt), writer.last)  # a run killed in its first epoch can still be resumed
-        with writer if main_rank else contextlib.nullcontext():
-            results, epoch, trained = run_epochs(state, opt, save_dir, writer)
+    writer = CheckpointWriter(save_dir / "weights", lambda e: checkpoint(state, e, opt), opt.save_period)
+    if main_rank and resume_ckpt is None and not opt.nosave:
+        atomic_save(checkpoint(state, -1, opt), writer.last)  # a run killed in its first epoch can still be resumed
+    with writer if main_rank else contextlib.nullcontext():
+        results, epoch, trained = run_epochs(state, opt, save_dir, writer)
 
-        ranks = ddp_rank_summary(state.model, trained)
-        if ranks and main_rank:
-            LOGGER.info("DDP: " + "; ".join(f"rank {r} trained {n} batches, weight sum {w:.10g}" for r, (n, w) in enumerate(ranks)))
-        if main_rank:
-            LOGGER.info(f"\n{epoch - state.start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-            results = finish(state, opt, save_dir, data, results, writer)
-    finally:  # the loaders' workers must not outlive train(): see shutdown_workers
-        shutdown_workers(state.train_loader, state.val_loader)
+    ranks = ddp_rank_summary(state.model, trained)
+    if ranks and main_rank:
+        LOGGER.info("DDP: " + "; ".join(f"rank {r} trained {n} batches, weight sum {w:.10g}" for r, (n, w) in enumerate(ranks)))
+    if main_rank:
+        LOGGER.info(f"\n{epoch - state.start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        results = finish(state, opt, save_dir, data, results, writer)
     torch.cuda.empty_cache()
     return results
 

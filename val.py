@@ -27,7 +27,7 @@ from models.checkpoints import checkpoint_val_settings  # noqa: E402
 from utils.coco import area_range_metrics, coco80_to_coco91_class, pycocotools_eval, yolo_labels_to_coco_gt  # noqa: E402
 from utils.names import normalize_names  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
-from utils.datasets import create_dataloader, shutdown_workers  # noqa: E402
+from utils.datasets import create_dataloader  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.checks import check_thresholds, check_workers  # noqa: E402
 from utils.files import check_writable, increment_path  # noqa: E402
@@ -169,8 +169,7 @@ def run(
     if not data.get(split):
         raise UserError(f"dataset has no '{split}' split")
     rect = model.fixed_imgsz is None and task != "speed"  # rectangular batches for any format that accepts any shape
-    own_loader = dataloader is None  # then its workers are stopped here (see utils.datasets.shutdown_workers)
-    if own_loader:
+    if dataloader is None:
         dataloader = create_dataloader(data[split], imgsz, batch_size, model.stride, single_cls,
                                        pad=0.0 if task == "speed" else 0.5, rect=rect, workers=workers,
                                        prefix=f"{split}: ", nc=int(data["nc"]))[0]
@@ -180,20 +179,16 @@ def run(
                       class_map=class_map)
     predictor = Predictor(model, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det, multi_label=True,
                           agnostic=single_cls, augment=augment, half=model.fp16, slicing=slicing)
-    try:
-        if slicing is None:
-            rec = predict_dataset(predictor, dataloader, nc, names, single_cls=single_cls, save_hybrid=save_hybrid, out=out,
-                                  coco_max_dets=coco_max_dets)
-        else:
-            LOGGER.info(f"Sliced validation: {slicing.size} px tiles, overlap {slicing.overlap}, run at --img {imgsz}"
-                        f"{' plus the whole image' if slicing.full else ''}, merged by {slicing.merge} "
-                        f"({slicing.merge_metric} > {slicing.merge_iou}); metrics on the full-size images and labels")
-            rec = predict_dataset_sliced(predictor, dataloader.dataset, nc, names, imgsz=imgsz, stride=model.stride,
-                                         fixed_shape=model.fixed_imgsz, single_cls=single_cls, out=out,
-                                         coco_max_dets=coco_max_dets)
-    finally:
-        if own_loader:
-            shutdown_workers(dataloader)
+    if slicing is None:
+        rec = predict_dataset(predictor, dataloader, nc, names, single_cls=single_cls, save_hybrid=save_hybrid, out=out,
+                              coco_max_dets=coco_max_dets)
+    else:
+        LOGGER.info(f"Sliced validation: {slicing.size} px tiles, overlap {slicing.overlap}, run at --img {imgsz}"
+                    f"{' plus the whole image' if slicing.full else ''}, merged by {slicing.merge} "
+                    f"({slicing.merge_metric} > {slicing.merge_iou}); metrics on the full-size images and labels")
+        rec = predict_dataset_sliced(predictor, dataloader.dataset, nc, names, imgsz=imgsz, stride=model.stride,
+                                     fixed_shape=model.fixed_imgsz, single_cls=single_cls, out=out,
+                                     coco_max_dets=coco_max_dets)
     result = summarize(rec, names, plots=plots, save_dir=save_dir, verbose=verbose, per_class=nc < 50, task=task,
                        sizes=sizes)
     shape = f"tiles at {imgsz}" if slicing is not None else str((batch_size, 3, imgsz, imgsz))

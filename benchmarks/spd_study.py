@@ -54,7 +54,7 @@ from models.checkpoints import load_model, safe_load  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy  # noqa: E402
 from utils.checkpoints import resolve_weights  # noqa: E402
 from utils.data_config import check_dataset  # noqa: E402
-from utils.datasets import create_dataloader, shutdown_workers  # noqa: E402
+from utils.datasets import create_dataloader  # noqa: E402
 from utils.labels import collect_images  # noqa: E402
 from utils.errors import UserError, report_user_errors  # noqa: E402
 from utils.files import increment_path  # noqa: E402
@@ -261,7 +261,6 @@ def collect_detections(weights: Path, data: dict, imgsz: int, batch_size: int, d
             pb = scale_boxes(im.shape[2:], pred[:, :4].clone(), shape0, ratio_pad)
             gain = float(ratio_pad[0][0])  # letterbox keeps the aspect ratio: one gain for both axes
             records.append(tuple(x.cpu() for x in (pb, pred[:, 4], pred[:, 5], gt, labels[:, 0])) + (gain,))
-    shutdown_workers(loader)  # persistent workers must not outlive the study process (see shutdown_workers)
     return records
 
 

@@ -467,20 +467,42 @@ def test_hyp_yamls_hold_yolov5_values():
     assert none["mosaic"] == none["fliplr"] == none["hsv_s"] == none["scale"] == 0
 
 
-def test_shutdown_workers_stops_persistent_workers_now(tmp_path):
-    """Workers ignore SIGTERM, so train.py/val.py stop them explicitly (see utils.datasets.shutdown_workers)."""
+def test_persistent_workers_stop_with_their_loader_even_when_their_iterator_is_held(tmp_path):
+    """Workers ignore SIGTERM (seed_worker), so the loader stops them itself (a finalizer, EpochDataLoader)."""
+    import gc
     import multiprocessing
-
-    from utils.datasets import shutdown_workers
 
     loader, _ = create_dataloader(_coloured_dataset(tmp_path), 64, 2, 32, workers=2, seed=0)
     for _ in loader:
         pass
     workers = [p for p in multiprocessing.active_children() if p.is_alive()]
-    assert loader._iterator is not None and len(workers) >= loader.num_workers == 2  # persistent: still there
-    held = loader._iterator  # as a reference cycle would hold it: dropping the loader's own reference is not enough
-    shutdown_workers(loader, None)
-    assert loader._iterator is None and not any(p.is_alive() for p in workers)
-    assert len(list(loader)) > 0  # the loader still works: a fresh iteration starts new workers
-    shutdown_workers(loader)
+    assert len(workers) >= loader.num_workers == 2  # persistent: still there after the epoch
+    held = loader._iterator  # as a reference cycle would hold it: the iterator's own clean-up never runs
+    del loader
+    gc.collect()
+    for p in workers:
+        p.join(timeout=10)
+    assert not any(p.is_alive() for p in workers)
     del held
+
+
+@pytest.mark.slow
+def test_a_process_exits_with_a_loader_still_alive(tmp_path):
+    """multiprocessing's exit handler sends SIGTERM to leftover workers and then joins them: workers that ignore
+    it must have been stopped before, or the process never exits (train.py hung so after its last line)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import gc, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from utils.datasets import create_dataloader
+gc.disable()  # the loader below stays alive until exit, as one held by a reference cycle does
+loader = create_dataloader({str(_coloured_dataset(tmp_path))!r}, 64, 2, 32, workers=2, seed=0)[0]
+loader.cycle = loader
+for _ in loader:
+    pass
+print("done")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import weakref
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -53,6 +54,7 @@ class EpochDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self._pinned_epoch: int | None = None
         self._next_epoch = 0
+        self._stops_workers = None  # the iterator whose persistent workers a finalizer stops (see __iter__)
 
     def set_epoch(self, epoch: int) -> None:
         self._pinned_epoch = int(epoch)
@@ -63,21 +65,20 @@ class EpochDataLoader(DataLoader):
         if hasattr(self.sampler, "set_epoch"):  # EpochSampler, DistributedSampler
             self.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)  # before super().__iter__(): workers get their first indices there
-        return super().__iter__()
+        it = super().__iter__()
+        if self.persistent_workers and self._iterator is not None and self._stops_workers is not self._iterator:
+            # The workers ignore SIGTERM (seed_worker), and multiprocessing's exit handler stops leftover children
+            # with SIGTERM and then joins them: a loader still alive at interpreter exit (held by a reference
+            # cycle the collector had not freed) made train.py hang after its last line. A finalizer stops them
+            # first: when the loader is collected, or at exit (weakref's exit hook is registered after
+            # multiprocessing's, so it runs before it).
+            weakref.finalize(self, _stop_workers, self._iterator)
+            self._stops_workers = self._iterator
+        return it
 
 
-def shutdown_workers(*loaders: DataLoader | None) -> None:
-    """Stop the persistent workers of `loaders` now, as DataLoader does when it is garbage collected.
-
-    The workers ignore SIGTERM (seed_worker), and multiprocessing's exit handler stops leftover children
-    with SIGTERM and then joins them: a loader still alive at interpreter exit (one held by a reference
-    cycle, which the garbage collector had not freed yet) made train.py hang after its last line.
-    """
-    for loader in loaders:
-        it = getattr(loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-            loader._iterator = None
+def _stop_workers(iterator) -> None:
+    iterator._shutdown_workers()  # what the iterator does itself when it is garbage collected
 
 
 def seed_worker(worker_id: int) -> None:
