@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from utils.datasets import WorkerSafeDataLoader
 from utils.errors import UserError
 from utils.sources import IMG_FORMATS, read_image
 from utils.torch_utils import ignore_interrupts
@@ -192,7 +193,7 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-class _SummarisingLoader(DataLoader):
+class _SummarisingLoader(WorkerSafeDataLoader):
     """A DataLoader that has its dataset summarise unreadable files after each complete pass."""
 
     def __iter__(self):

@@ -1,7 +1,10 @@
 """Dataset yamls, label checking and caching, rect batches, mosaic bookkeeping, loaders, generator."""
 import os
 import shutil
+import signal
 import stat
+import time
+import traceback
 from pathlib import Path
 
 import cv2
@@ -16,6 +19,7 @@ from utils.datasets import create_dataloader
 from utils.labels import img2label_paths, verify_image_label
 from utils.errors import UserError
 from utils.smallobjects import generate
+from utils.torch_utils import deferred_signals
 
 SHARED = ROOT.parent / "shared"
 COCO8 = SHARED / "data" / "coco8"
@@ -467,12 +471,16 @@ def test_hyp_yamls_hold_yolov5_values():
     assert none["mosaic"] == none["fliplr"] == none["hsv_s"] == none["scale"] == 0
 
 
-def test_persistent_workers_stop_with_their_loader_even_when_their_iterator_is_held(tmp_path):
-    """Workers ignore SIGTERM (seed_worker), so the loader stops them itself (a finalizer, EpochDataLoader)."""
+@pytest.mark.parametrize("kind", ["detect", "classify"])
+def test_persistent_workers_stop_with_their_loader_even_when_their_iterator_is_held(tmp_path, kind):
+    """Workers ignore SIGTERM (ignore_interrupts), so the loader stops them itself (a finalizer, WorkerSafeDataLoader)."""
     import gc
     import multiprocessing
 
-    loader, _ = create_dataloader(_coloured_dataset(tmp_path), 64, 2, 32, workers=2, seed=0)
+    if kind == "detect":
+        loader, _ = create_dataloader(_coloured_dataset(tmp_path), 64, 2, 32, workers=2, seed=0)
+    else:
+        loader = _classify_loader(tmp_path, workers=2)
     for _ in loader:
         pass
     workers = [p for p in multiprocessing.active_children() if p.is_alive()]
@@ -506,3 +514,60 @@ print("done")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]
+
+
+def test_a_signal_inside_deferred_signals_is_raised_when_the_block_ends():
+    before = signal.getsignal(signal.SIGINT)
+    reached = False
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # any bytecode here would have run the handler, were the signal not held back
+            reached = True
+    assert reached and signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_second_signal_inside_deferred_signals_is_raised_at_once():
+    reached = False
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C twice: a batch that never comes must not trap the user
+            time.sleep(0.05)
+            reached = True
+    assert not reached
+
+
+def _interrupt_the_parent_while_it_waits(getitem):
+    def wrapped(self, i):
+        if i == 0:
+            os.kill(os.getppid(), signal.SIGINT)  # the main process is waiting in the loader for this batch
+            time.sleep(0.3)
+        return getitem(self, i)
+    return wrapped
+
+
+def _classify_loader(root: Path, workers: int = 1):
+    from classify.data import ClassificationDataset, build_loader
+
+    (root / "a").mkdir(parents=True)
+    cv2.imwrite(str(root / "a" / "x.png"), np.zeros((8, 8, 3), np.uint8))
+    return build_loader(ClassificationDataset([(str(root / "a" / "x.png"), 0)] * 4, 8, augment=False), 2, False, workers)
+
+
+@pytest.mark.parametrize("kind", ["detect", "classify"])
+def test_ctrl_c_while_a_batch_is_received_is_raised_after_it_not_inside_the_loader(tmp_path, monkeypatch, kind):
+    """A Ctrl-C raised inside the loader's receive could close a worker's shared-memory socket mid-handshake
+    (a ConnectionResetError traceback from the worker on a clean stop): it must wait for the batch."""
+    if kind == "detect":
+        loader, _ = create_dataloader(_coloured_dataset(tmp_path), 64, 2, 32, workers=1, seed=0)
+    else:
+        loader = _classify_loader(tmp_path)
+    cls = type(loader.dataset)
+    monkeypatch.setattr(cls, "__getitem__", _interrupt_the_parent_while_it_waits(cls.__getitem__))  # workers fork after this
+    with pytest.raises(KeyboardInterrupt) as e:
+        for _ in loader:
+            pass
+    frames = [f.filename for f in traceback.extract_tb(e.value.__traceback__)]
+    assert not any(f.endswith(os.path.join("torch", "utils", "data", "dataloader.py")) for f in frames), frames

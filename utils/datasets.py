@@ -19,7 +19,7 @@ from utils.checks import check_loader_args
 from utils.dataset import LoadImagesAndLabels, epoch_seed
 from utils.labels import collect_images, img2label_paths, verify_image_label
 from utils.logging import LOGGER
-from utils.torch_utils import ignore_interrupts, torch_distributed_zero_first
+from utils.torch_utils import deferred_signals, ignore_interrupts, torch_distributed_zero_first
 
 __all__ = ["EpochDataLoader", "EpochSampler", "LoadImagesAndLabels", "collect_images", "create_dataloader",
            "img2label_paths", "seed_worker", "verify_image_label"]
@@ -45,7 +45,47 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
-class EpochDataLoader(DataLoader):
+class WorkerSafeDataLoader(DataLoader):
+    """A DataLoader whose workers cannot spoil a clean stop: a Ctrl-C reaches the main process between
+    batches, and persistent workers are stopped by the loader itself."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stops_workers = None  # the iterator whose persistent workers a finalizer stops (see __iter__)
+
+    def __iter__(self):
+        with deferred_signals():  # nor while the workers are started and handed their first indices
+            it = super().__iter__()
+        if self.persistent_workers and self._iterator is not None and self._stops_workers is not self._iterator:
+            # The workers ignore SIGTERM (ignore_interrupts), and multiprocessing's exit handler stops leftover
+            # children with SIGTERM and then joins them: a loader still alive at interpreter exit (held by a
+            # reference cycle the collector had not freed) made train.py hang after its last line. A finalizer
+            # stops them first: when the loader is collected, or at exit (weakref's exit hook is registered after
+            # multiprocessing's, so it runs before it).
+            weakref.finalize(self, _stop_workers, self._iterator)
+            self._stops_workers = self._iterator
+        return _batches_between_signals(it) if self.num_workers > 0 else it
+
+
+def _batches_between_signals(batches: Iterator) -> Iterator:
+    """A worker hands each batch's shared memory over a socket of its own. A Ctrl-C raised in the main process
+    in the middle of that handshake closed the socket under the worker, which printed a ConnectionResetError
+    traceback from its resource-sharer thread onto a clean stop. Held back while each batch is received, the
+    interrupt is raised as soon as the batch is in."""
+    while True:
+        with deferred_signals():
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+        yield batch
+
+
+def _stop_workers(iterator) -> None:
+    iterator._shutdown_workers()  # what the iterator does itself when it is garbage collected
+
+
+class EpochDataLoader(WorkerSafeDataLoader):
     """A DataLoader whose batches depend only on (seed, epoch): call set_epoch(epoch) before each epoch, so a
     resumed run sees the batches an uninterrupted one would. An iteration without set_epoch takes the epoch
     after the previous iteration's (0 first), so plain `for epoch ...: for batch in loader` still varies."""
@@ -54,7 +94,6 @@ class EpochDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self._pinned_epoch: int | None = None
         self._next_epoch = 0
-        self._stops_workers = None  # the iterator whose persistent workers a finalizer stops (see __iter__)
 
     def set_epoch(self, epoch: int) -> None:
         self._pinned_epoch = int(epoch)
@@ -65,20 +104,7 @@ class EpochDataLoader(DataLoader):
         if hasattr(self.sampler, "set_epoch"):  # EpochSampler, DistributedSampler
             self.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)  # before super().__iter__(): workers get their first indices there
-        it = super().__iter__()
-        if self.persistent_workers and self._iterator is not None and self._stops_workers is not self._iterator:
-            # The workers ignore SIGTERM (seed_worker), and multiprocessing's exit handler stops leftover children
-            # with SIGTERM and then joins them: a loader still alive at interpreter exit (held by a reference
-            # cycle the collector had not freed) made train.py hang after its last line. A finalizer stops them
-            # first: when the loader is collected, or at exit (weakref's exit hook is registered after
-            # multiprocessing's, so it runs before it).
-            weakref.finalize(self, _stop_workers, self._iterator)
-            self._stops_workers = self._iterator
-        return it
-
-
-def _stop_workers(iterator) -> None:
-    iterator._shutdown_workers()  # what the iterator does itself when it is garbage collected
+        return super().__iter__()
 
 
 def seed_worker(worker_id: int) -> None:

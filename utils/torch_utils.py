@@ -6,6 +6,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from copy import deepcopy
 from pathlib import Path
@@ -86,6 +87,43 @@ def ignore_interrupts() -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """Holds SIGINT/SIGTERM back until the block ends, then delivers the first one to the handler of before.
+
+    A second signal inside the block is delivered at once: whoever presses Ctrl-C twice means it.
+    Outside the main thread (where handlers cannot be set) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # a handler installed from C reads as None and could not be put back: leave that signal alone
+    previous = {s: signal.getsignal(s) for s in signums if signal.getsignal(s) is not None}
+    pending: list[int] = []
+
+    def restore() -> None:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    def note(signum, frame) -> None:
+        if pending:
+            pending.clear()
+            restore()
+            signal.raise_signal(signum)
+        else:
+            pending.append(signum)
+
+    for s in previous:
+        signal.signal(s, note)
+    try:
+        yield
+    finally:
+        restore()
+        if pending:
+            signal.raise_signal(pending[0])
+
 
 
 def time_sync() -> float:
