@@ -324,6 +324,35 @@ def cpu_latency_ms(weights: Path, imgsz: int, runs: int = 30, threads: int = 2) 
         torch.set_num_threads(old)
 
 
+def remeasure_latency(rows: list[dict], runs: list[RunSpec], study_dir: Path, rounds: int, per_round: int,
+                      threads: int = 2) -> None:
+    """CPU latency of every evaluated run measured again, all in one sitting: `rounds` rounds that each time
+    every model in turn (the order reversed every other round), so a load that came and went during a long
+    study cannot separate configs. cpu_ms becomes the median of all timed passes of a run, cpu_ms_min their
+    minimum; the rows and their study_row.json files are updated in place."""
+    done = [(row, run) for row, run in zip(rows, runs) if row.get("status") == "ok"]
+    if not done:
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        models = [DetectMultiBackend(study_dir / run.name / "weights" / "best.pt", device=torch.device("cpu"), fuse=True)
+                  for _, run in done]
+        inputs = [torch.zeros(1, 3, run.imgsz, run.imgsz) for _, run in done]
+        times: list[list[float]] = [[] for _ in done]
+        loads = []
+        for r in tqdm(range(rounds), desc="latency rounds"):
+            order = range(len(done)) if r % 2 == 0 else reversed(range(len(done)))
+            for i in order:
+                times[i] += forward_times_ms(models[i], inputs[i], per_round, warmup=1)
+            loads.append(os.getloadavg()[0])
+    finally:
+        torch.set_num_threads(old)
+    for (row, run), ts in zip(done, times):
+        row.update(cpu_ms=statistics.median(ts), cpu_ms_min=min(ts), load_at_latency=statistics.median(loads))
+        (study_dir / run.name / "study_row.json").write_text(json.dumps(row))
+
+
 def evaluate_run(run: RunSpec, run_dir: Path, data: dict, opt: argparse.Namespace, device: torch.device) -> dict:
     best = run_dir / "weights" / "best.pt"
     t0 = time.perf_counter()
@@ -519,6 +548,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fraction", type=float, default=1.0, help="train on this seeded fraction of the train split")
     parser.add_argument("--val-fraction", type=float, default=1.0, help="evaluate on this fraction of val (smoke runs)")
     parser.add_argument("--latency-runs", type=int, default=30, help="timed forward passes per latency median")
+    parser.add_argument("--remeasure-latency", type=int, default=0, metavar="ROUNDS",
+                        help="after the runs, time every run's model again in ROUNDS alternating rounds of "
+                             "--latency-runs passes, in one sitting (for a study that shared the machine)")
     parser.add_argument("--project", default=str(ROOT / "runs" / "study"))
     parser.add_argument("--name", default="exp")
     parser.add_argument("--exist-ok", action="store_true", help="reuse project/name: finished runs are skipped, "
@@ -581,6 +613,8 @@ def run_study(opt: argparse.Namespace, argv: list[str] | None = None) -> tuple[p
             print(f"  FAILED: {row['status']}")
         rows.append(row)
 
+    if opt.remeasure_latency:
+        remeasure_latency(rows, runs, study_dir, opt.remeasure_latency, opt.latency_runs)
     df = pd.DataFrame(rows)
     sizes = object_sizes(data, opt.imgsz)
     per_size = "; ".join(f"at {k} px {v[0]}/{v[1]}/{v[2]}" for k, v in sizes.items() if k != "original")
@@ -603,8 +637,11 @@ def run_study(opt: argparse.Namespace, argv: list[str] | None = None) -> tuple[p
         f"(imgsz / max(w, h))^2), i.e. how small the object is for the detector (val objects small/medium/large: "
         f"{per_size}).",
         "Params of the trained model; GFLOPs of one fused forward pass at imgsz x imgsz; CPU ms = median of "
-        f"{opt.latency_runs} batch-1 forward passes (fused, no NMS) with torch.set_num_threads(2) "
-        f"(1-min load average during the measurements: {', '.join(f'{x:.1f}' for x in df.get('load_at_latency', pd.Series(dtype=float)).dropna())}; "
+        + (f"{opt.remeasure_latency} rounds x {opt.latency_runs} " if opt.remeasure_latency else f"{opt.latency_runs} ")
+        + "batch-1 forward passes (fused, no NMS) with torch.set_num_threads(2)"
+        + (", every run's model timed in turn in each round, all runs in one sitting after the training" if opt.remeasure_latency else "")
+        + " "
+        f"(1-min load average during the measurements: {', '.join(f'{x:.1f}' for x in dict.fromkeys(df.get('load_at_latency', pd.Series(dtype=float)).dropna().round(1)))}; "
         "a busy machine inflates these; results.csv also has the minimum, cpu_ms_min). Train min = wall time of the "
         "train.py process(es).",
         *notes,

@@ -226,3 +226,39 @@ def test_seeds_summary_pareto_and_resume_per_seed(tmp_path, monkeypatch, yolov5n
     spd_study.main([*argv[:-7], "--seeds", "0", "1", "2", "--project", str(tmp_path), "--name", "p", "--exist-ok"])
     assert sorted(evaluated) == [("yolov5n", 2), ("yolov5n-spd", 2), ("yolov5n-spdlite", 2)]
     assert pd.read_csv(study_dir / "summary.csv")["seeds"].tolist() == [3, 3, 3]
+
+
+def test_remeasure_latency_times_every_run_in_alternating_rounds(tmp_path, monkeypatch, yolov5n_weights):
+    """--remeasure-latency R: every run's model timed again in R rounds, the order reversed every other round,
+    and the new figures replace the ones measured while the study shared the machine (rows and their caches)."""
+    import shutil
+
+    def fake_train(run, opt, data_yaml, study_dir):
+        (study_dir / run.name / "weights").mkdir(parents=True, exist_ok=True)
+        shutil.copy(yolov5n_weights, study_dir / run.name / "weights" / "best.pt")
+        return True, 1.0, "trained"
+
+    def fake_eval(run, run_dir, data_, opt, device):
+        return {"AP": 0.3, "AP50": 0.5, "APs": 0.2, "APm": 0.4, "params": 1e6, "GFLOPs": 1.0, "cpu_ms": 99.0,
+                "cpu_ms_min": 98.0, "load_at_latency": 5.0, "eval_s": 1.0}
+
+    timed = []
+
+    def fake_times(model, x, runs, warmup=3):
+        seed = int(Path(model.weights).parts[-3][-1])  # .../<cfg>-transferred-64-s<seed>/weights/best.pt
+        timed.append(seed)
+        return [10.0 + seed + k for k in range(runs)]
+
+    monkeypatch.setattr(spd_study, "train_run", fake_train)
+    monkeypatch.setattr(spd_study, "evaluate_run", fake_eval)
+    monkeypatch.setattr(spd_study, "forward_times_ms", fake_times)
+    argv = ["--data", str(shared_path("data", "deeppcb", "deeppcb.yaml")), "--weights", str(yolov5n_weights),
+            "--fraction", "0.01", "--val-fraction", "0.01", "--imgsz", "64", "--device", "cpu", "--cfgs", "yolov5n.yaml",
+            "--seeds", "0", "1", "--project", str(tmp_path), "--name", "p", "--latency-runs", "2",
+            "--remeasure-latency", "3"]
+    df, study_dir = spd_study.main(argv)
+    assert timed == [0, 1, 1, 0, 0, 1]
+    assert df["cpu_ms"].tolist() == [10.5, 11.5] and df["cpu_ms_min"].tolist() == [10.0, 11.0]
+    cached = json.loads((study_dir / "yolov5n-transferred-64-s1" / "study_row.json").read_text())
+    assert cached["cpu_ms"] == 11.5 and cached["load_at_latency"] != 5.0
+    assert "3 rounds x 2 batch-1 forward passes" in (study_dir / "summary.md").read_text()
