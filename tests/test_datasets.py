@@ -516,7 +516,15 @@ print("done")
     assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]
 
 
-def test_a_signal_inside_deferred_signals_is_raised_when_the_block_ends():
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raising KeyboardInterrupt, as in a terminal (a shell's background job starts with SIGINT ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_signal_inside_deferred_signals_is_raised_when_the_block_ends(ctrl_c_raises):
     before = signal.getsignal(signal.SIGINT)
     reached = False
     with pytest.raises(KeyboardInterrupt):
@@ -527,7 +535,7 @@ def test_a_signal_inside_deferred_signals_is_raised_when_the_block_ends():
     assert reached and signal.getsignal(signal.SIGINT) is before
 
 
-def test_a_second_signal_inside_deferred_signals_is_raised_at_once():
+def test_a_second_signal_inside_deferred_signals_is_raised_at_once(ctrl_c_raises):
     reached = False
     with pytest.raises(KeyboardInterrupt):
         with deferred_signals():
@@ -537,6 +545,18 @@ def test_a_second_signal_inside_deferred_signals_is_raised_at_once():
             time.sleep(0.05)
             reached = True
     assert not reached
+
+
+def test_an_ignored_signal_stays_ignored_inside_deferred_signals():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. train.py started as `nohup ... &`
+    try:
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def _interrupt_the_parent_while_it_waits(getitem):
@@ -557,7 +577,8 @@ def _classify_loader(root: Path, workers: int = 1):
 
 
 @pytest.mark.parametrize("kind", ["detect", "classify"])
-def test_ctrl_c_while_a_batch_is_received_is_raised_after_it_not_inside_the_loader(tmp_path, monkeypatch, kind):
+def test_ctrl_c_while_a_batch_is_received_is_raised_after_it_not_inside_the_loader(tmp_path, monkeypatch, kind,
+                                                                                 ctrl_c_raises):
     """A Ctrl-C raised inside the loader's receive could close a worker's shared-memory socket mid-handshake
     (a ConnectionResetError traceback from the worker on a clean stop): it must wait for the batch."""
     if kind == "detect":

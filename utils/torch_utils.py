@@ -99,8 +99,8 @@ def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    # a handler installed from C reads as None and could not be put back: leave that signal alone
-    previous = {s: signal.getsignal(s) for s in signums if signal.getsignal(s) is not None}
+    # an ignored signal has nothing to hold back; a handler installed from C reads as None and could not be put back
+    previous = {s: h for s in signums if (h := signal.getsignal(s)) not in (None, signal.SIG_IGN)}
     pending: list[int] = []
 
     def restore() -> None:
