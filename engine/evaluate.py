@@ -23,7 +23,7 @@ from utils.dataset import read_image
 from utils.files import append_text
 from utils.logging import LOGGER
 from utils.metrics import ConfusionMatrix, ap_per_class, match_predictions
-from utils.plots import plot_images
+from utils.plots import BackgroundPlots, plot_images
 from utils.results import ValResult
 from utils.sizes import COCO_BINS, SizeBins, format_metric, format_size_table, parse_sizes, plot_size_metrics
 
@@ -179,6 +179,9 @@ def summarize(rec: EvalRecord, names: dict, *, plots: bool = False, save_dir: Pa
     ap_class, ap = np.array([], dtype=int), np.zeros((0, len(IOU_THRESHOLDS)))
     p = r = ap50 = np.zeros(0)
     mp = mr = map50 = mapv = 0.0
+    background = BackgroundPlots()
+    if plots:  # drawn on another core while the curves, COCOeval and the size table are computed here
+        background.submit(rec.confusion.plot, save_dir=save_dir, names=list(names.values()))
     if len(stats) and stats[0].any():
         tp, fp, p, r, f1, ap, ap_class = ap_per_class(*stats, plot=plots, save_dir=save_dir, names=names)
         ap50, ap = ap[:, 0], ap.mean(1)
@@ -201,8 +204,8 @@ def summarize(rec: EvalRecord, names: dict, *, plots: bool = False, save_dir: Pa
     size_metrics = rec.coco.size_metrics(sizes, area)
     print(format_size_table(size_metrics, rec.coco.max_dets))
     if plots:
-        rec.confusion.plot(save_dir=save_dir, names=list(names.values()))
         plot_size_metrics(size_metrics, save_dir)
+    background.join()
 
     maps = np.zeros(nc) + mapv
     for i, c in enumerate(ap_class):

@@ -313,3 +313,22 @@ def test_metrics_and_plots_do_not_import_each_other():
 
     assert "utils.plots" in imported(utils.metrics)  # lazily, for plot=True
     assert "utils.metrics" not in imported(utils.plots)
+
+
+def test_background_plots_draw_in_a_child_and_a_failing_plot_costs_a_warning(tmp_path, monkeypatch):
+    from utils import plots
+
+    warnings = []
+    monkeypatch.setattr(plots.LOGGER, "warning", warnings.append)
+    bg = plots.BackgroundPlots()
+    assert bg._fork  # Linux: a forked child draws
+    bg.submit(plots.plot_confusion_matrix, np.eye(3) * 5, tmp_path / "good", {0: "a", 1: "b"})
+    bg.submit(plots.plot_confusion_matrix, np.eye(3)[None], tmp_path / "bad")  # 3-D: cannot be drawn
+    bg.join()
+    assert cv2.imread(str(tmp_path / "good" / "confusion_matrix.png")) is not None
+    assert not (tmp_path / "bad" / "confusion_matrix.png").exists()
+    assert len(warnings) == 1 and "plot_confusion_matrix failed" in warnings[0]
+
+    bg._fork = False  # where fork is not available: drawn inline, a failure is still only a warning
+    bg.submit(plots.plot_confusion_matrix, np.eye(3)[None], tmp_path / "bad")
+    assert len(warnings) == 2 and "plot_confusion_matrix failed" in warnings[1]

@@ -192,6 +192,8 @@ def test_val_sizes_aitod_on_coco128_matches_pycocotools_on_its_json(tmp_path, ca
     printed = next(line for line in out.splitlines() if line.strip().startswith("AP ")).split()[1:5]
     assert [float(x) for x in printed] == pytest.approx(ref_ap, abs=2e-3)  # 3 significant digits, unrounded boxes
     assert (run / "sizes.png").stat().st_size > 10_000
+    for f in ("confusion_matrix.png", "PR_curve.png", "F1_curve.png"):  # the matrix is drawn in a child process
+        assert (run / f).stat().st_size > 10_000, f
 
 
 def test_study_plots_ap_and_recall_by_size_against_image_size(tmp_path, monkeypatch):
