@@ -194,8 +194,9 @@ def plot_confusion_matrix(
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v > threshold else "black")
     if 0 < len(names) < 99 and len(names) == nc:
         ticks = [names[i] for i in sorted(names)] + ["background"]
-        ax.set_xticks(range(nc + 1), ticks, rotation=90)
-        ax.set_yticks(range(nc + 1), ticks)
+        size = min(10.0, 480 / (nc + 1))  # one row of text per cell: 81 COCO rows fit at about 6 pt
+        ax.set_xticks(range(nc + 1), ticks, rotation=90, fontsize=size)
+        ax.set_yticks(range(nc + 1), ticks, fontsize=size)
     ax.set_xlabel("True")
     ax.set_ylabel("Predicted")
     ax.set_title("Confusion Matrix" + (" (normalised per true class)" if normalize else ""))
