@@ -169,8 +169,8 @@ def finish(state: TrainState, opt: argparse.Namespace, save_dir: Path, data: dic
     for f in (last, best):
         if f.exists():
             strip_checkpoint(f)
-    if not opt.noplots and (save_dir / "results.csv").exists():  # drawn while best.pt is validated
-        state.plots.submit(plot_results, save_dir / "results.csv")
+    if not opt.noplots and (save_dir / "results.csv").exists():
+        plot_results(save_dir / "results.csv")
     if best.exists() and not opt.noval:
         LOGGER.info(f"\nValidating {best}...")
         # the training val_loader: re-scanning the split would report every bad file a second time
@@ -180,7 +180,6 @@ def finish(state: TrainState, opt: argparse.Namespace, save_dir: Path, data: dic
                                slice=state.slicing, sizes=getattr(opt, "sizes", "coco"))
     else:  # (the final validation above prints where the results are)
         LOGGER.info(f"Results saved to {colorstr('bold', str(save_dir))}")
-    state.plots.join()
     LOGGER.info(next_steps(save_dir, best if best.exists() else last,
                            state.val_loader.dataset.im_files if state.val_loader else [], state.imgsz,
                            state.dataset.slice_size))

@@ -25,7 +25,7 @@ from utils.errors import UserError
 from utils.logging import LOGGER, colorstr
 from utils.loss import ComputeLoss, scale_loss_gains
 from utils.optim import ModelEMA, linear_lr, one_cycle, smart_optimizer, warmup_iterations
-from utils.plots import BackgroundPlots, plot_labels
+from utils.plots import plot_labels
 from utils.sampling import labels_to_class_weights
 from utils.slicing import SliceConfig, parse_slice_size
 from utils.torch_utils import LOCAL_RANK, RANK, WORLD_SIZE, check_img_size, de_parallel, describe_transfer, intersect_dicts
@@ -63,7 +63,6 @@ class TrainState:
     best_fitness: float = 0.0
     last_opt_step: int = -1
     maps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per-class mAP of the last validation
-    plots: BackgroundPlots = field(default_factory=BackgroundPlots)  # figures drawn while training goes on
 
     @property
     def dataset(self):
@@ -194,8 +193,8 @@ def build_train_state(opt: argparse.Namespace, hyp: dict, data: dict, names: dic
         if not opt.noautoanchor:
             check_anchors(state.dataset, model=state.model, thr=hyp["anchor_t"], imgsz=imgsz)
         state.model.half().float()  # pre-reduce anchor precision, as stored checkpoints will
-        if not opt.noplots:  # drawn in a child process during the first epoch; finish() waits for it
-            state.plots.submit(plot_labels, labels, names, save_dir)
+        if not opt.noplots:
+            plot_labels(labels, names, save_dir)
     _finish_model(state, opt)
     return state
 
