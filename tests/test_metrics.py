@@ -332,3 +332,21 @@ def test_background_plots_draw_in_a_child_and_a_failing_plot_costs_a_warning(tmp
     bg._fork = False  # where fork is not available: drawn inline, a failure is still only a warning
     bg.submit(plots.plot_confusion_matrix, np.eye(3)[None], tmp_path / "bad")
     assert len(warnings) == 2 and "plot_confusion_matrix failed" in warnings[1]
+
+
+def _slow_write(path: Path) -> None:
+    import time
+
+    time.sleep(0.5)
+    path.write_text("drawn")
+
+
+def test_background_plots_join_waits_for_every_child(tmp_path):
+    from utils.plots import BackgroundPlots
+
+    bg = BackgroundPlots()
+    bg.submit(_slow_write, tmp_path / "a.txt")
+    bg.submit(_slow_write, tmp_path / "b.txt")
+    assert not (tmp_path / "a.txt").exists()  # the caller went on at once
+    bg.join()
+    assert (tmp_path / "a.txt").read_text() == (tmp_path / "b.txt").read_text() == "drawn"

@@ -68,6 +68,7 @@ def _draw(fn: Callable, args: tuple, kwargs: dict) -> None:
 
 def _draw_in_child(fn: Callable, args: tuple, kwargs: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and then waits for this plot
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's checkpoint-saving handler
     try:
         fn(*args, **kwargs)
     except Exception as e:
