@@ -54,16 +54,18 @@ class WorkerSafeDataLoader(DataLoader):
         self._stops_workers = None  # the iterator whose persistent workers a finalizer stops (see __iter__)
 
     def __iter__(self):
-        with deferred_signals():  # nor while the workers are started and handed their first indices
+        # Signals wait while the workers are started and handed their first indices, and until the finalizer
+        # below is registered: an interrupt raised in between left persistent workers that nothing stopped.
+        with deferred_signals():
             it = super().__iter__()
-        if self.persistent_workers and self._iterator is not None and self._stops_workers is not self._iterator:
-            # The workers ignore SIGTERM (ignore_interrupts), and multiprocessing's exit handler stops leftover
-            # children with SIGTERM and then joins them: a loader still alive at interpreter exit (held by a
-            # reference cycle the collector had not freed) made train.py hang after its last line. A finalizer
-            # stops them first: when the loader is collected, or at exit (weakref's exit hook is registered after
-            # multiprocessing's, so it runs before it).
-            weakref.finalize(self, _stop_workers, self._iterator)
-            self._stops_workers = self._iterator
+            if self.persistent_workers and self._iterator is not None and self._stops_workers is not self._iterator:
+                # The workers ignore SIGTERM (ignore_interrupts), and multiprocessing's exit handler stops leftover
+                # children with SIGTERM and then joins them: a loader still alive at interpreter exit (held by a
+                # reference cycle the collector had not freed) made train.py hang after its last line. A finalizer
+                # stops them first: when the loader is collected, or at exit (weakref's exit hook is registered
+                # after multiprocessing's, so it runs before it).
+                weakref.finalize(self, _stop_workers, self._iterator)
+                self._stops_workers = self._iterator
         return _batches_between_signals(it) if self.num_workers > 0 else it
 
 
