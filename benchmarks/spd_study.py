@@ -22,6 +22,7 @@ the exact function-preserving transfer of models/spd.py, so both models start fr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -314,12 +315,18 @@ def cpu_latency_ms(weights: Path, imgsz: int, runs: int = 30, threads: int = 2) 
 
     The minimum is kept too: on a shared machine it is the better estimate of the uncontended cost.
     """
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _torch_threads(threads):
         model = DetectMultiBackend(weights, device=torch.device("cpu"), fuse=True)
         ts = forward_times_ms(model, torch.zeros(1, 3, imgsz, imgsz), runs)
-        return statistics.median(ts), min(ts)
+    return statistics.median(ts), min(ts)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
     finally:
         torch.set_num_threads(old)
 
@@ -333,9 +340,7 @@ def remeasure_latency(rows: list[dict], runs: list[RunSpec], study_dir: Path, ro
     done = [(row, run) for row, run in zip(rows, runs) if row.get("status") == "ok"]
     if not done:
         return
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _torch_threads(threads):
         models = [DetectMultiBackend(study_dir / run.name / "weights" / "best.pt", device=torch.device("cpu"), fuse=True)
                   for _, run in done]
         inputs = [torch.zeros(1, 3, run.imgsz, run.imgsz) for _, run in done]
@@ -346,8 +351,6 @@ def remeasure_latency(rows: list[dict], runs: list[RunSpec], study_dir: Path, ro
             for i in order:
                 times[i] += forward_times_ms(models[i], inputs[i], per_round, warmup=1)
             loads.append(os.getloadavg()[0])
-    finally:
-        torch.set_num_threads(old)
     for (row, run), ts in zip(done, times):
         row.update(cpu_ms=statistics.median(ts), cpu_ms_min=min(ts), load_at_latency=statistics.median(loads))
         (study_dir / run.name / "study_row.json").write_text(json.dumps(row))
@@ -617,6 +620,9 @@ def run_study(opt: argparse.Namespace, argv: list[str] | None = None) -> tuple[p
         remeasure_latency(rows, runs, study_dir, opt.remeasure_latency, opt.latency_runs)
     df = pd.DataFrame(rows)
     sizes = object_sizes(data, opt.imgsz)
+    latency_passes = f"{opt.remeasure_latency} rounds x {opt.latency_runs}" if opt.remeasure_latency else opt.latency_runs
+    sitting = (", every run's model timed in turn in each round, all runs in one sitting after the training"
+               if opt.remeasure_latency else "")
     per_size = "; ".join(f"at {k} px {v[0]}/{v[1]}/{v[2]}" for k, v in sizes.items() if k != "original")
     notes = [
         f"Machine: {machine()}; training/eval device: {dev_name}.",
@@ -637,10 +643,7 @@ def run_study(opt: argparse.Namespace, argv: list[str] | None = None) -> tuple[p
         f"(imgsz / max(w, h))^2), i.e. how small the object is for the detector (val objects small/medium/large: "
         f"{per_size}).",
         "Params of the trained model; GFLOPs of one fused forward pass at imgsz x imgsz; CPU ms = median of "
-        + (f"{opt.remeasure_latency} rounds x {opt.latency_runs} " if opt.remeasure_latency else f"{opt.latency_runs} ")
-        + "batch-1 forward passes (fused, no NMS) with torch.set_num_threads(2)"
-        + (", every run's model timed in turn in each round, all runs in one sitting after the training" if opt.remeasure_latency else "")
-        + " "
+        f"{latency_passes} batch-1 forward passes (fused, no NMS) with torch.set_num_threads(2){sitting} "
         f"(1-min load average during the measurements: {', '.join(f'{x:.1f}' for x in dict.fromkeys(df.get('load_at_latency', pd.Series(dtype=float)).dropna().round(1)))}; "
         "a busy machine inflates these; results.csv also has the minimum, cpu_ms_min). Train min = wall time of the "
         "train.py process(es).",

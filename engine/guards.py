@@ -13,6 +13,7 @@ import torch.nn as nn
 from utils.checkpoints import atomic_save
 from utils.errors import UserError
 from utils.logging import LOGGER
+from utils.torch_utils import deferred_signals
 
 
 class TrainingInterrupted(Exception):
@@ -72,12 +73,11 @@ class CheckpointWriter:
         self.dir = Path(weights_dir)
         self.last, self.best = self.dir / "last.pt", self.dir / "best.pt"
         self.make_checkpoint, self.save_period = make_checkpoint, save_period
-        self.saving, self.pending_signal, self.saved_epoch = False, "", -1
+        self.saved_epoch = -1
         self.previous: dict = {}
 
     def save(self, epoch: int, is_best: bool, final: bool = False) -> None:
-        self.saving = True
-        try:
+        with deferred_signals(escalate=False):  # an interrupt is raised once the files are written
             ckpt = self.make_checkpoint(epoch)
             atomic_save(ckpt, self.last)
             if is_best:
@@ -85,10 +85,6 @@ class CheckpointWriter:
             if self.save_period > 0 and epoch % self.save_period == 0 and not final:
                 atomic_save(ckpt, self.dir / f"epoch{epoch}.pt")
             self.saved_epoch = epoch
-        finally:
-            self.saving = False
-        if self.pending_signal:
-            raise TrainingInterrupted(self.pending_signal)
 
     def save_interrupted(self, epoch: int) -> None:
         """After an interrupt in `epoch`: last.pt as of the epoch before (the interrupted one is redone on
@@ -100,9 +96,6 @@ class CheckpointWriter:
             atomic_save(self.make_checkpoint(partial), self.last)
 
     def _on_signal(self, signum, frame) -> None:
-        if self.saving:
-            self.pending_signal = signal.Signals(signum).name
-            return
         raise TrainingInterrupted(signal.Signals(signum).name)
 
     def __enter__(self) -> "CheckpointWriter":

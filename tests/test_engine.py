@@ -67,6 +67,20 @@ def test_checkpoint_writer_defers_a_signal_until_the_files_are_written(tmp_path)
     assert signal.getsignal(signal.SIGTERM) is not writer._on_signal  # handlers restored on exit
 
 
+def test_checkpoint_writer_a_second_signal_does_not_cut_a_save_short(tmp_path):
+    written = []
+
+    def make(epoch: int) -> dict:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C twice: a batch wait gives in, a checkpoint write does not
+        written.append(epoch)
+        return {"epoch": epoch}
+
+    with pytest.raises(TrainingInterrupted, match="SIGINT"), CheckpointWriter(tmp_path, make) as writer:
+        writer.save(2, is_best=False)
+    assert written == [2] and torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+
+
 def test_checkpoint_writer_turns_a_signal_between_saves_into_an_interrupt(tmp_path):
     with pytest.raises(TrainingInterrupted), CheckpointWriter(tmp_path, lambda e: {"epoch": e}):
         os.kill(os.getpid(), signal.SIGINT)

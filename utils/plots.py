@@ -59,20 +59,19 @@ class BackgroundPlots:
         self._children.clear()
 
 
-def _draw(fn: Callable, args: tuple, kwargs: dict) -> None:
+def _draw(fn: Callable, args: tuple, kwargs: dict) -> bool:
     try:
         fn(*args, **kwargs)
+        return True
     except Exception as e:  # a figure is never worth the run
         LOGGER.warning(f"{getattr(fn, '__name__', 'plot')} failed: {e}")
+        return False
 
 
 def _draw_in_child(fn: Callable, args: tuple, kwargs: dict) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and then waits for this plot
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's checkpoint-saving handler
-    try:
-        fn(*args, **kwargs)
-    except Exception as e:
-        LOGGER.warning(f"{getattr(fn, '__name__', 'plot')} failed: {e}")
+    if not _draw(fn, args, kwargs):
         raise SystemExit(1)
 
 
@@ -185,14 +184,14 @@ def plot_confusion_matrix(
     fig = _new_figure((12, 9), tight_layout=True)
     ax = fig.add_subplot(1, 1, 1)
     # one image rather than a patch per cell (a seaborn heatmap): an 81x81 COCO matrix draws several times faster
-    im = ax.imshow(array, cmap=colormaps["Blues"].with_extremes(bad="white"), vmin=0.0, vmax=np.nanmax(array, initial=1e-9),
+    top = np.nanmax(array, initial=1e-9)
+    im = ax.imshow(array, cmap=colormaps["Blues"].with_extremes(bad="white"), vmin=0.0, vmax=top,
                    interpolation="nearest", aspect="equal")
     fig.colorbar(im, ax=ax)
     if nc < 30:
-        threshold = np.nanmax(array, initial=0.0) / 2
         for (i, j), v in np.ndenumerate(array):
             if not np.isnan(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v > threshold else "black")
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v > top / 2 else "black")
     if 0 < len(names) < 99 and len(names) == nc:
         ticks = [names[i] for i in sorted(names)] + ["background"]
         size = min(10.0, 480 / (nc + 1))  # one row of text per cell: 81 COCO rows fit at about 6 pt

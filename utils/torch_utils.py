@@ -90,10 +90,11 @@ def ignore_interrupts() -> None:
 
 
 @contextlib.contextmanager
-def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), escalate: bool = True):
     """Holds SIGINT/SIGTERM back until the block ends, then delivers the first one to the handler of before.
 
-    A second signal inside the block is delivered at once: whoever presses Ctrl-C twice means it.
+    With `escalate` a second signal inside the block is delivered at once: whoever presses Ctrl-C twice while a
+    batch is awaited means it. Without, the block always runs to its end (a checkpoint being written).
     Outside the main thread (where handlers cannot be set) this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
@@ -108,11 +109,11 @@ def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
             signal.signal(s, handler)
 
     def note(signum, frame) -> None:
-        if pending:
+        if pending and escalate:
             pending.clear()
             restore()
             signal.raise_signal(signum)
-        else:
+        elif not pending:
             pending.append(signum)
 
     for s in previous:
@@ -123,7 +124,6 @@ def deferred_signals(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
         restore()
         if pending:
             signal.raise_signal(pending[0])
-
 
 
 def time_sync() -> float:
